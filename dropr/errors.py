@@ -1,0 +1,39 @@
+"""The exceptions dropr raises.  Every message says what to do about it."""
+
+from __future__ import annotations
+
+
+class DroprError(Exception):
+    """Base class of every error dropr raises on purpose."""
+
+
+class InvalidMessage(DroprError, ValueError):
+    """A message, or one of its fields, is not acceptable."""
+
+
+class PayloadTooLarge(InvalidMessage):
+    """A payload is larger than the configured maximum."""
+
+
+class StorageFull(DroprError):
+    """A spool or store reached its configured size limit.
+
+    Nothing was stored by the call that raised it; everything stored before
+    is untouched.  Retry once the daemon has forwarded (or consumers have
+    taken) messages, or raise the limit.
+    """
+
+
+class StorageLocked(DroprError):
+    """Another process holds the exclusive lock of a spool or store."""
+
+
+class UnknownMessage(DroprError, KeyError):
+    """An ack, release or fail named a message that is not taken here."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else "unknown message"
+
+
+class CorruptFile(DroprError):
+    """A file in a spool or store cannot be read; it gets quarantined."""

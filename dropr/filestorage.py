@@ -1,0 +1,765 @@
+"""The file-system storage: dropr's default ``IStorage``.
+
+Layout under the storage's root directory (see docs/on-disk-format.rst)::
+
+    lock                           held by the one daemon that owns the root
+    tmp/                           files being written
+    queues/<queue>/lock            serialises take/ack/release/fail
+    queues/<queue>/<p>/<hi>/<lo>/  a bucket: batch files and their state log
+    failed/<queue>/                failed messages, each batch with a .why
+    quarantine/                    files that could not be read, with a .why
+    ids/                           the dedup index (server stores)
+
+``<p>`` is the priority digit; ``<hi>`` and ``<lo>`` are the first 7 and
+next 2 hex digits of the batch id (about 17 minutes and 4 seconds of time),
+so directories stay small and a sorted walk is delivery order.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import json
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from dropr import batchfile
+from dropr.batchfile import BatchName
+from dropr.dedup import DedupIndex
+from dropr.dirlisting import DirListing
+from dropr.durable import ensure_dir, fsync_dir, pid_alive, rename_into, write_new_file
+from dropr.errors import InvalidMessage, StorageFull, StorageLocked, UnknownMessage
+from dropr.ids import id_time, new_id
+from dropr.interfaces import IStorage, QueueStats
+from dropr.message import DEFAULT_MAX_PAYLOAD, Message
+from dropr.statelog import StateLog, format_indexes
+
+_SAFE_QUEUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_TMP_RE = re.compile(r".*\.(\d+)\.[0-9a-f]{12}\.tmp\Z")
+#: A temporary file this old is a leftover whatever its writer's pid says.
+_TMP_MAX_AGE = 3600.0
+#: Buckets whose time ended less than this ago may still receive batches.
+_BUCKET_SETTLE = 10.0
+_BUCKET_MS = 1 << 12
+_CACHE_BYTES = 64 * 1024 * 1024
+
+
+def encode_queue(name: str) -> str:
+    """The directory name of queue ``name``.
+
+    Names that are safe file names (every valid channel name) are used as
+    they are; anything else (a destination URL) is written ``~`` followed by
+    its URL-safe base64, which can never collide with a safe name.
+    """
+    if _SAFE_QUEUE.match(name):
+        return name
+    raw = base64.urlsafe_b64encode(name.encode("utf-8")).decode("ascii")
+    return "~" + raw.rstrip("=")
+
+
+def decode_queue(dirname: str) -> str | None:
+    """The queue name of directory ``dirname``; None for foreign entries."""
+    if _SAFE_QUEUE.match(dirname):
+        return dirname
+    if dirname.startswith("~") and len(dirname) > 1:
+        raw = dirname[1:]
+        try:
+            return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return None
+
+
+def validate_queue(name: object) -> str:
+    """Return ``name`` if it can name a queue, else raise InvalidMessage."""
+    if not isinstance(name, str) or not name or len(name) > 180 or "\0" in name:
+        raise InvalidMessage(
+            f"invalid queue name {name!r}: a channel name or a destination URL "
+            "of at most 180 characters"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class _Receipt:
+    """Where a taken message lives; attached to it as ``Message.receipt``."""
+
+    storage: int
+    queue: str
+    bucket: str
+    batch_id: str
+    index: int
+
+
+class _Queue:
+    """One queue's directory, its lock and what this process knows of it."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name = name
+        self.path = path
+        self._lock_fd = -1
+        self.logs: dict[str, StateLog] = {}
+
+    def lock(self) -> None:
+        if self._lock_fd < 0:
+            ensure_dir(self.path)
+            self._lock_fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+
+    def unlock(self) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def log(self, bucket: str) -> StateLog:
+        log = self.logs.get(bucket)
+        if log is None:
+            log = self.logs[bucket] = StateLog(bucket)
+        return log
+
+
+@implementer(IStorage)
+class FilesystemStorage:
+    """Durable queues in a directory tree; see the module docstring.
+
+    :param path: the root directory, created if missing.
+    :param max_bytes: refuse ``add`` once this many payload bytes wait
+        (None: no limit).  Enforced from a usage figure refreshed at most
+        every ``usage_refresh`` seconds, plus what this process added since.
+    :param max_messages: the same for the number of waiting messages.
+    :param max_payload: the largest payload accepted, in bytes.
+    :param lease: default seconds a taken message stays claimed.
+    :param sync_acks: sync the state log on ack and fail, so an acked
+        message is not handed out again after a power loss.  A client spool
+        can do without (a resent message is dropped by the server's dedup).
+    :param dedup: keep an index of stored ids and make ``add`` idempotent by
+        id (for a server store; needs ``exclusive``).
+    :param dedup_window: seconds the dedup index remembers an id.
+    :param exclusive: hold the root's lock for the life of this object;
+        raise StorageLocked if another process holds it.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_bytes: int | None = None,
+        max_messages: int | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        lease: float = 60.0,
+        sync_acks: bool = True,
+        dedup: bool = False,
+        dedup_window: float = 7 * 86400.0,
+        exclusive: bool = False,
+        usage_refresh: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        self.max_payload = max_payload
+        self.default_lease = lease
+        self.sync_acks = sync_acks
+        self.usage_refresh = usage_refresh
+        self._clock = clock
+        self._mutex = threading.RLock()
+        self._queues: dict[str, _Queue] = {}
+        self._listing = DirListing()
+        self._cache: OrderedDict[str, list[Message]] = OrderedDict()
+        self._cache_bytes = 0
+        self._usage: tuple[float, int, int] | None = None
+        self._bucket_usage: dict[str, tuple[int, int, int]] = {}
+        self._closed = False
+        self._root_lock_fd = -1
+        self.tmp_dir = os.path.join(self.path, "tmp")
+        self.queues_dir = os.path.join(self.path, "queues")
+        self.failed_dir = os.path.join(self.path, "failed")
+        self.quarantine_dir = os.path.join(self.path, "quarantine")
+        for d in (self.path, self.tmp_dir, self.queues_dir, self.failed_dir, self.quarantine_dir):
+            ensure_dir(d)
+        if exclusive or dedup:
+            self._lock_root()
+        self.dedup: DedupIndex | None = None
+        if dedup:
+            self.dedup = DedupIndex(
+                os.path.join(self.path, "ids"), window=dedup_window, clock=clock
+            )
+        self.recover()
+
+    # -- opening and recovery -------------------------------------------------
+
+    def _lock_root(self) -> None:
+        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise StorageLocked(
+                f"{self.path} is in use by pid {holder}: only one daemon may own "
+                "a spool or store; stop the other one, or give this one another "
+                "directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._root_lock_fd = fd
+
+    def recover(self) -> dict[str, int]:
+        """Undo what a crash left behind; cheap enough to run at every open.
+
+        Removes temporary files of writers that are gone, and makes the dedup
+        index cover every stored batch.  Batch files are checked when first
+        read (a damaged one is quarantined then) and by ``dropr fsck``;
+        expired leases need no work, they simply count as free.
+        """
+        removed = 0
+        now = time.time()
+        for name in os.listdir(self.tmp_dir):
+            path = os.path.join(self.tmp_dir, name)
+            m = _TMP_RE.match(name)
+            try:
+                age = now - os.stat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            if m is None or not pid_alive(int(m.group(1))) or age > _TMP_MAX_AGE:
+                try:
+                    os.unlink(path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        if removed:
+            self.log.info(
+                "removed {count} half-written files from {path}", count=removed, path=self.tmp_dir
+            )
+        relogged = 0
+        if self.dedup is not None:
+            relogged = self.dedup.recover(self._batches_since(self.dedup.checkpoint_ms))
+        return {"tmp_removed": removed, "ids_relogged": relogged}
+
+    def _batches_since(self, ms: int) -> Iterator[tuple[str, list[str]]]:
+        """Yield the message ids of every batch added at or after ``ms``."""
+        first_hi = f"{ms:012x}"[:7]
+        for qdir in self._listing.names(self.queues_dir):
+            qpath = os.path.join(self.queues_dir, qdir)
+            for p in self._priority_dirs(qpath):
+                pdir = os.path.join(qpath, p)
+                for hi in os.listdir(pdir):
+                    if hi < first_hi:
+                        continue
+                    hidir = os.path.join(pdir, hi)
+                    for lo in os.listdir(hidir):
+                        bucket = os.path.join(hidir, lo)
+                        for name in os.listdir(bucket):
+                            bn = BatchName.parse(name)
+                            if bn is None or int(bn.batch_id[:12], 16) < ms:
+                                continue
+                            messages = self._read_batch(qdir, bucket, bn)
+                            if messages is not None:
+                                yield bn.batch_id, [m.id for m in messages]
+
+    def close(self) -> None:
+        """Release locks and files; the storage is unusable afterwards."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            if self.dedup is not None:
+                self.dedup.close()
+            for q in self._queues.values():
+                q.close()
+            if self._root_lock_fd >= 0:
+                os.close(self._root_lock_fd)
+                self._root_lock_fd = -1
+
+    def __enter__(self) -> FilesystemStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- adding ------------------------------------------------------------------
+
+    def add(self, queue: str, messages: Sequence[Message], fresh: bool = False) -> list[str]:
+        """Store ``messages`` in ``queue``, durably; see ``IStorage.add``."""
+        validate_queue(queue)
+        for m in messages:
+            m.validate(self.max_payload)
+        with self._mutex:
+            self._check_open()
+            if self.dedup is not None:
+                messages = self.dedup.unseen(messages, fresh)
+            if not messages:
+                return []
+            count = len(messages)
+            nbytes = sum(len(m.payload) for m in messages)
+            self._check_limits(count, nbytes)
+            by_priority: dict[int, list[Message]] = {}
+            for m in messages:
+                by_priority.setdefault(m.priority, []).append(m)
+            qpath = os.path.join(self.queues_dir, encode_queue(queue))
+            synced: set[str] = set()
+            written: list[tuple[str, str, BatchName]] = []
+            for priority in sorted(by_priority):
+                group = by_priority[priority]
+                name = BatchName(new_id(), len(group), sum(len(m.payload) for m in group))
+                tmp = write_new_file(self.tmp_dir, name.batch_id, batchfile.encode(group))
+                written.append((tmp, self._bucket_dir(qpath, priority, name.batch_id), name))
+            for tmp, bucket, name in written:
+                if ensure_dir(bucket):
+                    self._listing.forget(os.path.dirname(os.path.dirname(bucket)))
+                rename_into(tmp, bucket, str(name))
+                synced.add(bucket)
+            for bucket in synced:
+                fsync_dir(bucket)
+            if self.dedup is not None:
+                self.dedup.record([m.id for m in messages], written[-1][2].batch_id)
+            if self._usage is not None:
+                at, c, b = self._usage
+                self._usage = (at, c + count, b + nbytes)
+            return [m.id for m in messages]
+
+    def _bucket_dir(self, qpath: str, priority: int, batch_id: str) -> str:
+        return os.path.join(qpath, str(priority), batch_id[:7], batch_id[7:9])
+
+    def _check_limits(self, count: int, nbytes: int) -> None:
+        if self.max_bytes is None and self.max_messages is None:
+            return
+        waiting, waiting_bytes = self.usage()
+        if self.max_messages is not None and waiting + count > self.max_messages:
+            raise StorageFull(
+                f"{self.path} is full: {waiting} messages wait and the limit is "
+                f"{self.max_messages}; nothing was stored. Retry once messages "
+                "are delivered, or raise max_messages"
+            )
+        if self.max_bytes is not None and waiting_bytes + nbytes > self.max_bytes:
+            raise StorageFull(
+                f"{self.path} is full: {waiting_bytes} payload bytes wait, "
+                f"{nbytes} more would pass the limit of {self.max_bytes}; nothing "
+                "was stored. Retry once messages are delivered, or raise max_bytes"
+            )
+
+    def usage(self) -> tuple[int, int]:
+        """``(messages, payload bytes)`` waiting, refreshed every ``usage_refresh`` s.
+
+        Counted from file names and cached per bucket directory, so a refresh
+        costs a stat per bucket plus a listing of the buckets that changed.
+        """
+        now = time.monotonic()
+        if self._usage is not None and now - self._usage[0] < self.usage_refresh:
+            return self._usage[1], self._usage[2]
+        count = nbytes = 0
+        seen: dict[str, tuple[int, int, int]] = {}
+        for bucket in self._all_buckets():
+            try:
+                mtime = os.stat(bucket).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            cached = self._bucket_usage.get(bucket)
+            if cached is None or cached[0] != mtime:
+                c = b = 0
+                try:
+                    names = os.listdir(bucket)
+                except FileNotFoundError:
+                    continue
+                for name in names:
+                    bn = BatchName.parse(name)
+                    if bn is not None:
+                        c += bn.count
+                        b += bn.nbytes
+                # A bucket listed within a tick of its last change is listed
+                # again next time (see dirlisting).
+                cached = (mtime if time.time_ns() - mtime > 50_000_000 else -1, c, b)
+            seen[bucket] = cached
+            count += cached[1]
+            nbytes += cached[2]
+        self._bucket_usage = seen
+        self._usage = (now, count, nbytes)
+        return count, nbytes
+
+    def _all_buckets(self) -> Iterator[str]:
+        for qdir in self._listing.names(self.queues_dir):
+            qpath = os.path.join(self.queues_dir, qdir)
+            yield from self._buckets(qpath)
+
+    @staticmethod
+    def _priority_dirs(qpath: str) -> list[str]:
+        try:
+            names = os.listdir(qpath)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted((n for n in names if len(n) == 1 and n.isdigit()), key=int)
+
+    def _buckets(self, qpath: str) -> Iterator[str]:
+        """Every bucket directory of the queue at ``qpath``, in delivery order."""
+        names = self._listing.names
+        for p in names(qpath):
+            if len(p) != 1 or not p.isdigit():
+                continue
+            pdir = os.path.join(qpath, p)
+            for hi in names(pdir):
+                hidir = os.path.join(pdir, hi)
+                for lo in names(hidir):
+                    yield os.path.join(hidir, lo)
+
+    # -- taking --------------------------------------------------------------------
+
+    def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:
+        """Claim up to ``limit`` messages of ``queue``; see ``IStorage.take``."""
+        validate_queue(queue)
+        if limit < 1:
+            return []
+        lease_s = self.default_lease if lease is None else lease
+        with self._mutex:
+            self._check_open()
+            q = self._queue(queue)
+            if not os.path.isdir(q.path):
+                return []
+            q.lock()
+            try:
+                return self._take_locked(q, limit, lease_s)
+            finally:
+                q.unlock()
+
+    def _take_locked(self, q: _Queue, limit: int, lease_s: float) -> list[Message]:
+        now_ms = int(self._clock() * 1000)
+        expiry = now_ms + int(lease_s * 1000)
+        taken: list[Message] = []
+        sid = id(self)
+        for bucket in list(self._buckets(q.path)):
+            log = q.log(bucket)
+            log.refresh()
+            lines: list[str] = []
+            complete = True
+            for name in self._listing.names(bucket):
+                bn = BatchName.parse(name)
+                if bn is None:
+                    continue
+                state = log.state(bn.batch_id)
+                if len(state.done) >= bn.count and all(i in state.done for i in range(bn.count)):
+                    continue
+                complete = False
+                if len(taken) >= limit:
+                    break
+                free = [
+                    i
+                    for i in range(bn.count)
+                    if i not in state.done and state.leases.get(i, 0) <= now_ms
+                ]
+                if not free:
+                    continue
+                messages = self._read_batch(q.name, bucket, bn)
+                if messages is None:
+                    continue  # quarantined; a salvaged copy shows up in the listing
+                chosen = [i for i in free if i < len(messages)][: limit - len(taken)]
+                for i in chosen:
+                    taken.append(
+                        replace(messages[i], receipt=_Receipt(sid, q.name, bucket, bn.batch_id, i))
+                    )
+                if chosen:
+                    lines.append(f"T {bn.batch_id} {expiry} {format_indexes(chosen)}\n")
+            if lines:
+                log.append(lines, sync=False)
+            if complete:
+                self._remove_bucket_if_done(q, bucket, log)
+            if len(taken) >= limit:
+                break
+        return taken
+
+    def _read_batch(self, qdir_or_name: str, bucket: str, bn: BatchName) -> list[Message] | None:
+        """The messages of a batch file, from cache or disk; None if unreadable."""
+        path = os.path.join(bucket, str(bn))
+        cached = self._cache.get(path)
+        if cached is not None:
+            self._cache.move_to_end(path)
+            return cached
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        decoded = batchfile.decode(data)
+        if decoded.error or len(decoded.messages) != bn.count:
+            reason = decoded.error or (
+                f"holds {len(decoded.messages)} messages, its name says {bn.count}"
+            )
+            if len(decoded.messages) >= bn.count:
+                pass  # all promised messages read; trailing bytes are harmless
+            else:
+                self._quarantine(path, reason, salvage=decoded.messages, name=bn)
+                return None
+        messages = decoded.messages[: bn.count]
+        self._cache[path] = messages
+        self._cache_bytes += bn.nbytes
+        while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
+            old_path, old = self._cache.popitem(last=False)
+            self._cache_bytes -= sum(len(m.payload) for m in old)
+        return messages
+
+    def _quarantine(
+        self, path: str, reason: str, salvage: Sequence[Message] = (), name: BatchName | None = None
+    ) -> None:
+        """Move an unreadable file aside with its reason; keep what was readable."""
+        bucket = os.path.dirname(path)
+        if salvage and name is not None:
+            # The readable records are a prefix of the file, so writing them
+            # under the same batch id keeps their order and their state.
+            good = BatchName(name.batch_id, len(salvage), sum(len(m.payload) for m in salvage))
+            tmp = write_new_file(self.tmp_dir, name.batch_id, batchfile.encode(salvage))
+            rename_into(tmp, bucket, str(good))
+        rel = os.path.relpath(path, self.path).replace(os.sep, "_")
+        target = os.path.join(self.quarantine_dir, f"{int(time.time())}-{rel}")
+        why = {
+            "reason": reason,
+            "original": os.path.relpath(path, self.path),
+            "salvaged": len(salvage),
+            "time": time.time(),
+        }
+        tmp_why = write_new_file(
+            self.tmp_dir, "why", [json.dumps(why, indent=1).encode("utf-8") + b"\n"]
+        )
+        os.rename(tmp_why, target + ".why")
+        os.rename(path, target)
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(bucket)
+        self._cache.pop(path, None)
+        self.log.warn(
+            "quarantined {original}: {reason}; {salvaged} readable messages kept in the queue",
+            original=why["original"],
+            reason=reason,
+            salvaged=len(salvage),
+        )
+
+    def _remove_bucket_if_done(self, q: _Queue, bucket: str, log: StateLog) -> None:
+        """Delete a bucket whose every message is acked or failed.
+
+        Batch files go first and are synced gone before the state log goes:
+        the other order could bring acked messages back after a power loss.
+        """
+        lo = os.path.basename(bucket)
+        hi = os.path.basename(os.path.dirname(bucket))
+        bucket_end_ms = (int(hi + lo, 16) + 1) * _BUCKET_MS
+        if bucket_end_ms / 1000.0 > self._clock() - _BUCKET_SETTLE:
+            return
+        indexed = self._indexed_until()
+        if indexed is not None and bucket_end_ms > indexed:
+            # The store's daemon has not yet confirmed these ids in its dedup
+            # index; deleting the batches now could let a resend in twice.
+            return
+        names = os.listdir(bucket)
+        for name in names:
+            bn = BatchName.parse(name)
+            if bn is None:
+                continue
+            state = log.state(bn.batch_id)
+            if not all(i in state.done for i in range(bn.count)):
+                return
+        for name in names:
+            if BatchName.parse(name) is not None:
+                path = os.path.join(bucket, name)
+                os.unlink(path)
+                self._cache.pop(path, None)
+        fsync_dir(bucket)
+        for name in names:
+            if BatchName.parse(name) is None:
+                try:
+                    os.unlink(os.path.join(bucket, name))
+                except FileNotFoundError:
+                    pass
+        q.logs.pop(bucket, None)
+        self._listing.forget(bucket)
+        for d in (bucket, os.path.dirname(bucket)):
+            try:
+                os.rmdir(d)
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    break
+                raise
+
+    def _indexed_until(self) -> int | None:
+        """The dedup checkpoint of this root (ms), or None without an index."""
+        if self.dedup is not None:
+            return self.dedup.checkpoint_ms
+        try:
+            with open(os.path.join(self.path, "ids", "checkpoint"), "rb") as f:
+                return int(f.read().strip() or b"0")
+        except FileNotFoundError:
+            return None if not os.path.isdir(os.path.join(self.path, "ids")) else 0
+        except (OSError, ValueError):
+            return 0
+
+    # -- settling taken messages -------------------------------------------------------
+
+    def ack(self, messages: Iterable[Message]) -> None:
+        """Forget taken ``messages``; durable on return when ``sync_acks``."""
+        self._settle(messages, "A", self.sync_acks)
+
+    def release(self, messages: Iterable[Message]) -> None:
+        """Hand taken ``messages`` out again (no sync: a lost release only delays)."""
+        self._settle(messages, "R", False)
+
+    def fail(self, messages: Iterable[Message], reason: str) -> None:
+        """Move taken ``messages`` to the failed area with ``reason``, durably."""
+        messages = list(messages)
+        if not isinstance(reason, str) or not reason:
+            raise InvalidMessage("fail() needs a reason: a short text saying what went wrong")
+        with self._mutex:
+            by_queue: dict[str, list[Message]] = {}
+            for m in messages:
+                by_queue.setdefault(self._receipt(m).queue, []).append(m)
+            for queue, group in by_queue.items():
+                self._write_failed(queue, group, reason)
+            self._settle(messages, "F", True)
+
+    def _write_failed(self, queue: str, messages: list[Message], reason: str) -> None:
+        fdir = os.path.join(self.failed_dir, encode_queue(queue))
+        ensure_dir(fdir)
+        clean = [replace(m, receipt=None) for m in messages]
+        name = BatchName(new_id(), len(clean), sum(len(m.payload) for m in clean))
+        why = {"reason": reason, "time": time.time(), "queue": queue}
+        tmp_why = write_new_file(self.tmp_dir, "why", [json.dumps(why).encode("utf-8") + b"\n"])
+        tmp = write_new_file(self.tmp_dir, name.batch_id, batchfile.encode(clean))
+        os.rename(tmp_why, os.path.join(fdir, f"{name.batch_id}.why"))
+        os.rename(tmp, os.path.join(fdir, str(name)))
+        fsync_dir(fdir)
+
+    def _receipt(self, m: Message) -> _Receipt:
+        r = m.receipt
+        if not isinstance(r, _Receipt) or r.storage != id(self):
+            raise UnknownMessage(
+                f"message {m.id} was not taken from this storage: ack, release "
+                "and fail the Message objects that take() returned"
+            )
+        return r
+
+    def _settle(self, messages: Iterable[Message], op: str, sync: bool) -> None:
+        with self._mutex:
+            self._check_open()
+            grouped: dict[str, dict[str, dict[str, list[int]]]] = {}
+            for m in messages:
+                r = self._receipt(m)
+                grouped.setdefault(r.queue, {}).setdefault(r.bucket, {}).setdefault(
+                    r.batch_id, []
+                ).append(r.index)
+            for queue, buckets in grouped.items():
+                q = self._queue(queue)
+                q.lock()
+                try:
+                    for bucket, batches in buckets.items():
+                        log = q.log(bucket)
+                        lines = [
+                            f"{op} {batch_id} {format_indexes(idx)}\n"
+                            for batch_id, idx in batches.items()
+                        ]
+                        log.append(lines, sync=sync)
+                finally:
+                    q.unlock()
+
+    # -- looking -----------------------------------------------------------------
+
+    def queues(self) -> list[str]:
+        """Queues holding messages, waiting or failed."""
+        with self._mutex:
+            names: set[str] = set()
+            for top in (self.queues_dir, self.failed_dir):
+                for d in os.listdir(top):
+                    name = decode_queue(d)
+                    if name is not None and self._has_batches(os.path.join(top, d)):
+                        names.add(name)
+            return sorted(names)
+
+    def _has_batches(self, path: str) -> bool:
+        for _root, _dirs, files in os.walk(path):
+            if any(BatchName.parse(f) for f in files):
+                return True
+        return False
+
+    def stats(self) -> dict[str, QueueStats]:
+        """Figures for every queue; reads state logs, so it costs a walk."""
+        with self._mutex:
+            result = {}
+            now = self._clock()
+            now_ms = int(now * 1000)
+            for queue in self.queues():
+                qpath = os.path.join(self.queues_dir, encode_queue(queue))
+                depth = nbytes = taken = 0
+                oldest = 0.0
+                for bucket in self._buckets(qpath):
+                    log = StateLog(bucket)
+                    log.refresh()
+                    for name in self._listing.names(bucket):
+                        bn = BatchName.parse(name)
+                        if bn is None:
+                            continue
+                        state = log.state(bn.batch_id)
+                        open_idx = [i for i in range(bn.count) if i not in state.done]
+                        if not open_idx:
+                            continue
+                        depth += len(open_idx)
+                        nbytes += bn.nbytes * len(open_idx) // bn.count
+                        taken += sum(1 for i in open_idx if state.leases.get(i, 0) > now_ms)
+                        if not oldest:
+                            msgs = self._read_batch(queue, bucket, bn)
+                            if msgs:
+                                first = min(open_idx)
+                                if first < len(msgs):
+                                    oldest = max(0.0, now - id_time(msgs[first].id))
+                failed = 0
+                fdir = os.path.join(self.failed_dir, encode_queue(queue))
+                if os.path.isdir(fdir):
+                    for name in os.listdir(fdir):
+                        bn = BatchName.parse(name)
+                        if bn is not None:
+                            failed += bn.count
+                result[queue] = QueueStats(depth, nbytes, oldest, taken, failed)
+            return result
+
+    def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:
+        """Up to ``limit`` failed messages of ``queue`` with their reasons."""
+        fdir = os.path.join(self.failed_dir, encode_queue(validate_queue(queue)))
+        out: list[tuple[Message, str]] = []
+        if not os.path.isdir(fdir):
+            return out
+        for name in sorted(os.listdir(fdir)):
+            bn = BatchName.parse(name)
+            if bn is None:
+                continue
+            try:
+                with open(os.path.join(fdir, f"{bn.batch_id}.why"), "rb") as f:
+                    reason = str(json.loads(f.read()).get("reason", ""))
+            except (OSError, ValueError):
+                reason = "(reason unreadable)"
+            with open(os.path.join(fdir, name), "rb") as f:
+                decoded = batchfile.decode(f.read())
+            for m in decoded.messages:
+                out.append((m, reason))
+                if len(out) >= limit:
+                    return out
+        return out
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _queue(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = _Queue(
+                name, os.path.join(self.queues_dir, encode_queue(name))
+            )
+        return q
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"storage {self.path} is closed")

@@ -1,0 +1,71 @@
+"""Message ids: unique without any existence check, ordered by time.
+
+An id is 128 bits written as 32 lowercase hex digits:
+
+* 48 bits: milliseconds since the Unix epoch,
+* 16 bits: a per-process counter that keeps ids of one process strictly
+  increasing within a millisecond,
+* 64 bits: randomness from ``os.urandom``, which makes ids of different
+  processes and hosts distinct.
+
+Sorting ids as strings sorts them by creation time (to the millisecond
+across processes, exactly within one process).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+ID_LENGTH = 32
+_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
+
+_lock = threading.Lock()
+_last_ms = 0
+_counter = 0
+
+
+def new_id(now: float | None = None) -> str:
+    """Return a new message id.
+
+    ``now`` (seconds since the epoch) exists for tests; by default the wall
+    clock is used.  Ids of one process never decrease, even when the wall
+    clock steps back: the last millisecond is reused and the counter moves on.
+    """
+    global _last_ms, _counter
+    ms = int((time.time() if now is None else now) * 1000)
+    with _lock:
+        if ms <= _last_ms:
+            ms = _last_ms
+            _counter += 1
+            if _counter > 0xFFFF:
+                ms += 1
+                _counter = 0
+        else:
+            _counter = 0
+        _last_ms = ms
+        counter = _counter
+    return f"{ms:012x}{counter:04x}{os.urandom(8).hex()}"
+
+
+def new_ids(count: int) -> list[str]:
+    """Return ``count`` new ids, strictly increasing, with one clock read."""
+    now = time.time()
+    return [new_id(now) for _ in range(count)]
+
+
+def is_valid_id(value: object) -> bool:
+    """True when ``value`` is a well-formed id (32 lowercase hex digits)."""
+    return isinstance(value, str) and _ID_RE.match(value) is not None
+
+
+def id_time(message_id: str) -> float:
+    """The creation time of an id, in seconds since the epoch."""
+    return int(message_id[:12], 16) / 1000.0
+
+
+def id_millis(message_id: str) -> int:
+    """The creation time of an id, in milliseconds since the epoch."""
+    return int(message_id[:12], 16)

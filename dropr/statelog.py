@@ -1,0 +1,152 @@
+"""The state log: what happened to each message of the batches in a bucket.
+
+Batch files never change after they are written.  What consumers do to the
+messages in them is appended, one line per operation, to a file ``state``
+in the bucket directory (appends do not touch the directory, so cached
+listings stay valid)::
+
+    T <batch id> <lease expiry, ms since epoch> <indexes>   taken
+    R <batch id> <indexes>                                  released
+    A <batch id> <indexes>                                  acked
+    F <batch id> <indexes>                                  failed
+
+``<indexes>`` are positions in the batch file, comma separated, with
+ranges written ``a-b``.  A line cut short by a crash has no newline and is
+ignored, as is any line that cannot be parsed: the worst that loses is an
+ack, so a message is handed out again, never lost.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+STATE_NAME = "state"
+
+
+def format_indexes(indexes: Iterable[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2,5"``."""
+    out: list[str] = []
+    run_start = run_end = -2
+    for i in sorted(indexes):
+        if i == run_end + 1:
+            run_end = i
+            continue
+        if run_start >= 0:
+            out.append(f"{run_start}-{run_end}" if run_end > run_start else str(run_start))
+        run_start = run_end = i
+    if run_start >= 0:
+        out.append(f"{run_start}-{run_end}" if run_end > run_start else str(run_start))
+    return ",".join(out)
+
+
+def parse_indexes(text: str) -> list[int]:
+    """``"0-2,5"`` → ``[0, 1, 2, 5]``; raises ValueError on nonsense."""
+    result: list[int] = []
+    for part in text.split(","):
+        a, sep, b = part.partition("-")
+        lo = int(a)
+        hi = int(b) if sep else lo
+        if lo < 0 or hi < lo or hi - lo > 10_000_000:
+            raise ValueError(part)
+        result.extend(range(lo, hi + 1))
+    return result
+
+
+@dataclass(slots=True)
+class BatchState:
+    """What the state log says about one batch."""
+
+    done: set[int] = field(default_factory=set)
+    leases: dict[int, int] = field(default_factory=dict)
+
+
+class StateLog:
+    """The state log of one bucket directory, read incrementally."""
+
+    def __init__(self, bucket_dir: str) -> None:
+        self.path = os.path.join(bucket_dir, STATE_NAME)
+        self.batches: dict[str, BatchState] = {}
+        self._offset = 0
+        self._needs_newline = False
+        self.bad_lines = 0
+
+    def refresh(self) -> None:
+        """Read what other processes (or earlier runs) appended since last time."""
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            if self._offset:
+                # Removed and perhaps made anew: start over.
+                self.batches.clear()
+                self._offset = 0
+            return
+        if size < self._offset:
+            self.batches.clear()
+            self._offset = 0
+        if size == self._offset:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read(size - self._offset)
+        last_newline = data.rfind(b"\n")
+        if last_newline < 0:
+            self._needs_newline = True
+            return
+        for line in data[: last_newline + 1].splitlines():
+            self._apply(line)
+        self._offset += last_newline + 1
+        self._needs_newline = last_newline + 1 < len(data)
+
+    def _apply(self, line: bytes) -> None:
+        try:
+            parts = line.decode("ascii").split(" ")
+            op, batch = parts[0], parts[1]
+            if op == "T":
+                expiry = int(parts[2])
+                indexes = parse_indexes(parts[3])
+            else:
+                expiry = 0
+                indexes = parse_indexes(parts[2])
+        except (UnicodeDecodeError, IndexError, ValueError):
+            self.bad_lines += 1
+            return
+        state = self.batches.get(batch)
+        if state is None:
+            state = self.batches[batch] = BatchState()
+        if op == "T":
+            for i in indexes:
+                state.leases[i] = expiry
+        elif op == "R":
+            for i in indexes:
+                state.leases.pop(i, None)
+        elif op in ("A", "F"):
+            for i in indexes:
+                state.leases.pop(i, None)
+            state.done.update(indexes)
+        else:
+            self.bad_lines += 1
+
+    def append(self, lines: list[str], sync: bool) -> None:
+        """Append ``lines`` (each ending in a newline) and apply them."""
+        self.refresh()
+        text = "".join(lines)
+        if self._needs_newline:
+            # A crash left half a line; start ours on a line of its own.
+            text = "\n" + text
+        data = text.encode("ascii")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        self.refresh()
+
+    def state(self, batch_id: str) -> BatchState:
+        """The state of ``batch_id`` (empty if the log never mentions it)."""
+        return self.batches.get(batch_id) or BatchState()

@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dropr",
+    version="0.1.0",
+    description="A store-and-forward message queue on the file system, on Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["dropr", "dropr.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/dropr_plugins.py"], "dropr": ["py.typed"]},
+    install_requires=[
+        "Twisted>=23.10",
+        "treq>=23.11",
+        "zope.interface>=6.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+        ],
+        "dev": [
+            "mypy>=1.10",
+            "mypy-zope>=1.0.5",
+            "ruff>=0.5",
+            "sphinx>=7",
+        ],
+    },
+    entry_points={"console_scripts": ["dropr = dropr.cli:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Networking",
+    ],
+)
