@@ -149,6 +149,9 @@ class FilesystemStorage:
     :param dedup_window: seconds the dedup index remembers an id.
     :param exclusive: hold the root's lock for the life of this object;
         raise StorageLocked if another process holds it.
+    :param sole_taker: this object is the only one that takes from these
+        queues (a client daemon and its spool), so leases written by anyone
+        else are left over from a process that is gone and count as free.
     """
 
     log = Logger()
@@ -165,6 +168,7 @@ class FilesystemStorage:
         dedup: bool = False,
         dedup_window: float = 7 * 86400.0,
         exclusive: bool = False,
+        sole_taker: bool = False,
         usage_refresh: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -185,13 +189,16 @@ class FilesystemStorage:
         self._bucket_usage: dict[str, tuple[int, int, int]] = {}
         self._closed = False
         self._root_lock_fd = -1
+        self.sole_taker = sole_taker
+        #: Written with every lease, so an exclusive owner can tell its own.
+        self.owner = os.urandom(6).hex()
         self.tmp_dir = os.path.join(self.path, "tmp")
         self.queues_dir = os.path.join(self.path, "queues")
         self.failed_dir = os.path.join(self.path, "failed")
         self.quarantine_dir = os.path.join(self.path, "quarantine")
         for d in (self.path, self.tmp_dir, self.queues_dir, self.failed_dir, self.quarantine_dir):
             ensure_dir(d)
-        if exclusive or dedup:
+        if exclusive or dedup or sole_taker:
             self._lock_root()
         self.dedup: DedupIndex | None = None
         if dedup:
@@ -457,7 +464,7 @@ class FilesystemStorage:
                 free = [
                     i
                     for i in range(bn.count)
-                    if i not in state.done and state.leases.get(i, 0) <= now_ms
+                    if i not in state.done and self._lease_free(state.leases.get(i), now_ms)
                 ]
                 if not free:
                     continue
@@ -470,7 +477,9 @@ class FilesystemStorage:
                         replace(messages[i], receipt=_Receipt(sid, q.name, bucket, bn.batch_id, i))
                     )
                 if chosen:
-                    lines.append(f"T {bn.batch_id} {expiry} {format_indexes(chosen)}\n")
+                    lines.append(
+                        f"T {bn.batch_id} {expiry} {format_indexes(chosen)} {self.owner}\n"
+                    )
             if lines:
                 log.append(lines, sync=False)
             if complete:
@@ -478,6 +487,16 @@ class FilesystemStorage:
             if len(taken) >= limit:
                 break
         return taken
+
+    def _lease_free(self, lease: tuple[int, str] | None, now_ms: int) -> bool:
+        """True if a message under ``lease`` may be taken now.
+
+        The sole owner of a root (a daemon holding its lock) knows that a
+        lease of any other owner was left by a process that is gone.
+        """
+        if lease is None or lease[0] <= now_ms:
+            return True
+        return self.sole_taker and lease[1] != self.owner
 
     def _read_batch(self, qdir_or_name: str, bucket: str, bn: BatchName) -> list[Message] | None:
         """The messages of a batch file, from cache or disk; None if unreadable."""
@@ -681,6 +700,12 @@ class FilesystemStorage:
                         names.add(name)
             return sorted(names)
 
+    def queue_names(self) -> list[str]:
+        """Names of the queues that have a directory; cheap (one cached listing)."""
+        with self._mutex:
+            names = (decode_queue(d) for d in self._listing.names(self.queues_dir))
+            return [n for n in names if n is not None]
+
     def _has_batches(self, path: str) -> bool:
         for _root, _dirs, files in os.walk(path):
             if any(BatchName.parse(f) for f in files):
@@ -710,7 +735,9 @@ class FilesystemStorage:
                             continue
                         depth += len(open_idx)
                         nbytes += bn.nbytes * len(open_idx) // bn.count
-                        taken += sum(1 for i in open_idx if state.leases.get(i, 0) > now_ms)
+                        taken += sum(
+                            1 for i in open_idx if not self._lease_free(state.leases.get(i), now_ms)
+                        )
                         if not oldest:
                             msgs = self._read_batch(queue, bucket, bn)
                             if msgs:

@@ -49,6 +49,8 @@ class Spool:
         :class:`~dropr.errors.StorageFull` (None: no limit).
     :param max_messages: the same for the number of messages.
     :param max_payload: the largest payload accepted, in bytes.
+    :param daemon: open as the client daemon: the only taker, holding the
+        spool's lock (a second daemon on the same spool is refused).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class Spool:
         max_messages: int | None = DEFAULT_MAX_MESSAGES,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         lease: float = 300.0,
+        daemon: bool = False,
     ) -> None:
         self.path = os.path.abspath(path or default_spool_path())
         try:
@@ -69,6 +72,7 @@ class Spool:
                 max_payload=max_payload,
                 lease=lease,
                 sync_acks=False,
+                sole_taker=daemon,
             )
         except PermissionError as e:
             raise PermissionError(

@@ -5,7 +5,7 @@ messages in them is appended, one line per operation, to a file ``state``
 in the bucket directory (appends do not touch the directory, so cached
 listings stay valid)::
 
-    T <batch id> <lease expiry, ms since epoch> <indexes>   taken
+    T <batch id> <lease expiry, ms since epoch> <indexes> <owner>   taken
     R <batch id> <indexes>                                  released
     A <batch id> <indexes>                                  acked
     F <batch id> <indexes>                                  failed
@@ -13,7 +13,9 @@ listings stay valid)::
 ``<indexes>`` are positions in the batch file, comma separated, with
 ranges written ``a-b``.  A line cut short by a crash has no newline and is
 ignored, as is any line that cannot be parsed: the worst that loses is an
-ack, so a message is handed out again, never lost.
+ack, so a message is handed out again, never lost.  ``<owner>`` is a token
+of the storage object that took the messages; a daemon that owns its spool
+exclusively knows leases of other owners are a dead predecessor's.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class BatchState:
     """What the state log says about one batch."""
 
     done: set[int] = field(default_factory=set)
-    leases: dict[int, int] = field(default_factory=dict)
+    #: index → (lease expiry in ms since the epoch, owner token)
+    leases: dict[int, tuple[int, str]] = field(default_factory=dict)
 
 
 class StateLog:
@@ -103,9 +106,12 @@ class StateLog:
         try:
             parts = line.decode("ascii").split(" ")
             op, batch = parts[0], parts[1]
+            owner = ""
             if op == "T":
                 expiry = int(parts[2])
                 indexes = parse_indexes(parts[3])
+                if len(parts) > 4:
+                    owner = parts[4]
             else:
                 expiry = 0
                 indexes = parse_indexes(parts[2])
@@ -116,8 +122,9 @@ class StateLog:
         if state is None:
             state = self.batches[batch] = BatchState()
         if op == "T":
+            lease = (expiry, owner)
             for i in indexes:
-                state.leases[i] = expiry
+                state.leases[i] = lease
         elif op == "R":
             for i in indexes:
                 state.leases.pop(i, None)

@@ -1,0 +1,147 @@
+"""``twistd dropr-client``: options and the service tree."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import DeferredList
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from dropr.errors import InvalidMessage, StorageLocked
+from dropr.message import validate_destination
+from dropr.notifier import FifoNotifier
+from dropr.sender import DestinationSender
+from dropr.server_tap import _size
+from dropr.spool import Spool, default_spool_path
+from dropr.transport import HTTPTransport
+
+
+class Options(usage.Options):
+    """Options of ``twistd dropr-client``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Forward the messages of a spool to the dropr-servers they are "
+        "addressed to; destinations come from the messages themselves."
+    )
+    optParameters: list[list[Any]] = [
+        ["spool", "s", None, "Spool directory (default $DROPR_SPOOL, else /var/spool/dropr)."],
+        ["rescan", None, 5.0, "Seconds between rescans of the spool (a fallback).", float],
+        ["max-batch", None, 1000, "Most messages in one request.", int],
+        ["max-batch-bytes", None, 8 * 1024 * 1024, "Most payload bytes in one request.", _size],
+        ["max-age", None, 6 * 86400.0, "Seconds before an undelivered message fails.", float],
+        ["connect-timeout", None, 10.0, "Seconds to wait for a connection.", float],
+        ["timeout", None, 60.0, "Seconds to wait for a server's answer.", float],
+        ["backoff-cap", None, 60.0, "Longest wait between retries of a failing server.", float],
+    ]
+
+    def postOptions(self) -> None:
+        self["spool"] = self["spool"] or default_spool_path()
+        if self["max-batch"] < 1:
+            raise usage.UsageError("--max-batch must be at least 1")
+        if self["rescan"] <= 0:
+            raise usage.UsageError("--rescan must be more than 0 seconds")
+
+
+class ClientService(service.Service):
+    """Watches the spool and runs one sender per destination."""
+
+    log = Logger()
+
+    def __init__(self, spool: Spool, transport: HTTPTransport, reactor: Any, options: Any) -> None:
+        self.spool = spool
+        self.transport = transport
+        self.reactor = reactor
+        self.options = options
+        self.senders: dict[str, DestinationSender] = {}
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="dropr-spool")
+        self.started = time.time()
+        self.notifier: FifoNotifier | None = None
+        self._rescan = LoopingCall(self._rescan_safely)
+        self._rescan.clock = reactor
+        self._bad_queues: set[str] = set()
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+        self.notifier = FifoNotifier(self.spool.path, self.wake_all, self.reactor)
+        self.notifier.startReading()
+        self._rescan.start(self.options["rescan"], now=True)
+        self.log.info("dropr-client forwarding spool {spool}", spool=self.spool.path)
+
+    def _rescan_safely(self) -> None:
+        # A LoopingCall stops for good on an error: never let one escape.
+        try:
+            self.wake_all(force=False)
+        except Exception:
+            self.log.failure("rescan of {spool} failed", spool=self.spool.path)
+
+    def wake_all(self, force: bool = False) -> None:
+        """Find destinations in the spool and wake their senders."""
+        for destination in self.spool.storage.queue_names():
+            sender = self.senders.get(destination)
+            if sender is None:
+                if destination in self._bad_queues:
+                    continue
+                try:
+                    validate_destination(destination)
+                except InvalidMessage as e:
+                    self._bad_queues.add(destination)
+                    self.log.error("ignoring queue in spool: {error}", error=str(e))
+                    continue
+                sender = self.senders[destination] = self._sender(destination)
+            sender.wake(force)
+
+    def _sender(self, destination: str) -> DestinationSender:
+        o = self.options
+        return DestinationSender(
+            self.spool,
+            destination,
+            self.transport,
+            self.reactor,
+            self.pool,
+            max_batch=o["max-batch"],
+            max_batch_bytes=o["max-batch-bytes"],
+            max_age=o["max-age"],
+            backoff_cap=o["backoff-cap"],
+            started=self.started,
+        )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.notifier is not None:
+            self.notifier.stop()
+        if self._rescan.running:
+            self._rescan.stop()
+        d = DeferredList([s.stop() for s in self.senders.values()])
+
+        def finish(_: object) -> Any:
+            self.pool.stop()
+            self.spool.close()
+            self.log.info("dropr-client stopped")
+            return self.transport.close()
+
+        return d.addBoth(finish)
+
+
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    """Build the dropr-client service from parsed ``options``."""
+    reactor = reactor or global_reactor
+    path = os.path.abspath(options["spool"])
+    try:
+        spool = Spool(path, daemon=True)
+    except StorageLocked as e:
+        raise SystemExit(f"dropr-client: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"dropr-client: cannot use spool {path}: {e}") from None
+    transport = HTTPTransport(
+        reactor, connect_timeout=options["connect-timeout"], timeout=options["timeout"]
+    )
+    return ClientService(spool, transport, reactor, options)

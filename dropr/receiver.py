@@ -1,0 +1,350 @@
+"""dropr-server's HTTP side: the resource that receives batches into the store.
+
+Request bodies go to temporary files in the store's own ``tmp/`` (never
+whole in memory), with the size limit checked against ``Content-Length``
+before the body is read and counted while a chunked body arrives.  Parsing
+and the disk sync run in a thread pool so the reactor keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from dropr.errors import InvalidMessage, StorageFull
+from dropr.filestorage import FilesystemStorage
+from dropr.ids import id_millis, is_valid_id, new_id
+from dropr.message import DEFAULT_CHANNEL, DEFAULT_PRIORITY, Message
+from dropr.message import validate_channel, validate_priority
+from dropr.wire import CONTENT_TYPE, FRESH_HEADER, WireError, encode_answer, parse_batch
+
+#: A sender's clock may run this far ahead of the server's (seconds).
+MAX_CLOCK_SKEW = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may carry."""
+
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_messages: int = 10_000
+    max_payload: int = 16 * 1024 * 1024
+
+
+def _json(request: server.Request, status: int, data: dict[str, Any]) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(data).encode("utf-8")
+
+
+class UploadRequest(server.Request):
+    """A request whose body is spooled to the store's disk, within a limit."""
+
+    _body_limit = 0
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        site: ReceiverSite = self.channel.site
+        self._body_limit = site.limits.max_request_bytes
+        if length is not None and length > self._body_limit:
+            self._refuse(
+                413,
+                f"request body of {length} bytes is larger than this server's "
+                f"limit of {self._body_limit} bytes; send smaller batches",
+            )
+            return
+        self.content = tempfile.TemporaryFile(dir=site.tmp_dir)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self._body_limit:
+            self._refuse(
+                413,
+                f"request body is larger than this server's limit of "
+                f"{self._body_limit} bytes; send smaller batches",
+            )
+            return
+        self.content.write(data)
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer at once and hang up, without reading the rest of the body."""
+        self._refused = True
+        body = json.dumps({"error": reason}).encode("utf-8")
+        head = (
+            f"HTTP/1.1 {status} {http.RESPONSES.get(status, b'Error').decode()}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        self.content = _Discard()
+        transport = self.channel.transport
+        if transport is not None:
+            transport.write(head + body)
+            transport.loseConnection()
+
+
+class _Discard:
+    """Stands in for the body file of a refused request."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: object) -> None:
+        pass
+
+    def read(self, *args: object) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class ReceiverSite(server.Site):
+    """The site of a dropr-server: limits and the store's temp directory."""
+
+    requestFactory = UploadRequest
+
+    def __init__(self, resource: Resource, limits: Limits, tmp_dir: str, **kw: Any) -> None:
+        super().__init__(resource, **kw)
+        self.limits = limits
+        self.tmp_dir = tmp_dir
+
+    def log(self, request: server.Request) -> None:
+        # One line per batch is logged by the resource; per-request access
+        # lines would drown them at thousands of requests per second.
+        pass
+
+
+class Receiver:
+    """Stores what arrives: parses, checks and adds a batch to the store.
+
+    Plain code without a reactor: it runs in the thread pool, and tests
+    call it directly.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        storage: FilesystemStorage,
+        limits: Limits,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.storage = storage
+        self.limits = limits
+        self._clock = clock
+
+    def receive_batch(self, body: IO[bytes], fresh: bool) -> tuple[list[str], dict[str, str]]:
+        """Store the batch in ``body``; return (stored ids, rejected id → reason)."""
+        parsed = parse_batch(
+            body, self.limits.max_payload, self.limits.max_messages
+        )
+        return self._store(parsed.messages, parsed.rejected, fresh)
+
+    def receive_one(
+        self, payload: bytes, channel: str, priority: int, message_id: str | None
+    ) -> tuple[list[str], dict[str, str]]:
+        """Store one raw message (posted by curl and friends)."""
+        if len(payload) > self.limits.max_payload:
+            raise WireError(
+                f"payload of {len(payload)} bytes exceeds this server's maximum of "
+                f"{self.limits.max_payload} bytes",
+                413,
+            )
+        fresh = message_id is None
+        message = Message(message_id or new_id(), payload, channel, priority)
+        return self._store([message], {}, fresh)
+
+    def _store(
+        self, messages: list[Message], rejected: dict[str, str], fresh: bool
+    ) -> tuple[list[str], dict[str, str]]:
+        now = self._clock()
+        oldest_ms = (now - self.storage_window()) * 1000
+        newest_ms = (now + MAX_CLOCK_SKEW) * 1000
+        accepted: dict[str, list[Message]] = {}
+        for m in messages:
+            ms = id_millis(m.id)
+            if ms < oldest_ms:
+                rejected[m.id] = (
+                    "message is older than this server's dedup window "
+                    f"({self.storage_window():.0f} s): it may have been stored and "
+                    "forgotten already, so it is not stored again"
+                )
+            elif ms > newest_ms:
+                rejected[m.id] = (
+                    "message id is dated more than an hour ahead of this server's "
+                    "clock: check the sender's clock"
+                )
+            else:
+                accepted.setdefault(m.channel, []).append(m)
+        stored: list[str] = []
+        for channel, group in accepted.items():
+            self.storage.add(channel, group, fresh=fresh)
+            # Ids add() skipped were stored before: "stored" is the answer too.
+            stored.extend(m.id for m in group)
+        return stored, rejected
+
+    def storage_window(self) -> float:
+        dedup = self.storage.dedup
+        return dedup.window if dedup is not None else float("inf")
+
+
+class ReceiverResource(Resource):
+    """``POST /``: a batch or one raw message.  ``GET /health``: liveness."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, receiver: Receiver, reactor: IReactorThreads, pool: ThreadPool) -> None:
+        super().__init__()
+        self.receiver = receiver
+        self.reactor = reactor
+        self.pool = pool
+        self.stopping = False
+
+    def render_GET(self, request: server.Request) -> bytes:
+        if request.postpath in ([b"health"], [b"health", b""]):
+            return _json(request, 200, {"status": "ok" if not self.stopping else "stopping"})
+        if request.postpath in ([], [b""]):
+            return _json(
+                request,
+                200,
+                {"service": "dropr-server", "post": "batches or single messages; see docs"},
+            )
+        return _json(request, 404, {"error": "no such resource; POST messages to /"})
+
+    def render_POST(self, request: server.Request) -> bytes | int:
+        if getattr(request, "_refused", False):
+            return server.NOT_DONE_YET
+        if request.postpath not in ([], [b""]):
+            return _json(request, 404, {"error": "POST messages to the server's base URL /"})
+        if self.stopping:
+            return _json(request, 503, {"error": "server is stopping; retry shortly"})
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+        body = request.content
+        body.seek(0)
+        started = time.monotonic()
+        d: Deferred[tuple[list[str], dict[str, str]]]
+        if content_type == CONTENT_TYPE.encode():
+            fresh = request.getHeader(FRESH_HEADER.encode()) == b"1"
+            d = deferToThreadPool(
+                self.reactor, self.pool, self.receiver.receive_batch, body, fresh
+            )
+        else:
+            try:
+                channel, priority, message_id = _single_message_args(request)
+            except (InvalidMessage, WireError) as e:
+                return _json(request, 400, {"error": str(e)})
+            d = deferToThreadPool(
+                self.reactor,
+                self.pool,
+                lambda: self.receiver.receive_one(body.read(), channel, priority, message_id),
+            )
+        finished = request.notifyFinish()
+        gone: list[bool] = []
+        finished.addErrback(lambda _f: gone.append(True))
+        d.addCallbacks(
+            self._answer,
+            self._failed,
+            callbackArgs=(request, gone, started),
+            errbackArgs=(request, gone),
+        )
+        return server.NOT_DONE_YET
+
+    def _answer(
+        self,
+        result: tuple[list[str], dict[str, str]],
+        request: server.Request,
+        gone: list[bool],
+        started: float,
+    ) -> None:
+        stored, rejected = result
+        self.log.info(
+            "stored {stored} messages, rejected {rejected} in {ms:.1f} ms from {peer}",
+            stored=len(stored),
+            rejected=len(rejected),
+            ms=(time.monotonic() - started) * 1000,
+            peer=request.getClientAddress().host
+            if hasattr(request.getClientAddress(), "host")
+            else "?",
+        )
+        if gone:
+            return
+        request.setHeader(b"content-type", b"application/json")
+        request.write(encode_answer(stored, rejected))
+        request.finish()
+
+    def _failed(self, failure: Failure, request: server.Request, gone: list[bool]) -> None:
+        if failure.check(WireError):
+            err = failure.value
+            status, reason = err.status, str(err)
+        elif failure.check(StorageFull):
+            status, reason = 507, str(failure.value)
+        elif failure.check(InvalidMessage):
+            status, reason = 400, str(failure.value)
+        else:
+            self.log.failure("storing a batch failed", failure)
+            status, reason = 500, "internal error while storing; nothing was acknowledged"
+        if status != 500:
+            self.log.warn("refused a request: {status} {reason}", status=status, reason=reason)
+        if gone:
+            return
+        request.write(_json(request, status, {"error": reason}))
+        request.finish()
+
+
+def _single_message_args(request: server.Request) -> tuple[str, int, str | None]:
+    args = request.args or {}
+
+    def one(name: bytes) -> str | None:
+        values = args.get(name)
+        if not values:
+            return None
+        try:
+            return bytes(values[0]).decode("ascii")
+        except UnicodeDecodeError:
+            raise WireError(f"query parameter {name.decode()} must be ASCII") from None
+
+    channel = validate_channel(one(b"channel") or DEFAULT_CHANNEL)
+    raw_priority = one(b"priority")
+    try:
+        priority = DEFAULT_PRIORITY if raw_priority is None else int(raw_priority)
+    except ValueError:
+        raise InvalidMessage(f"invalid priority {raw_priority!r}: use 0 to 9") from None
+    validate_priority(priority)
+    message_id = one(b"id")
+    if message_id is not None and not is_valid_id(message_id):
+        raise InvalidMessage(
+            f"invalid id {message_id!r}: 32 lowercase hex digits (or leave it out)"
+        )
+    return channel, priority, message_id
+
+
+def make_site(
+    storage: FilesystemStorage,
+    limits: Limits,
+    reactor: IReactorThreads,
+    pool: ThreadPool,
+    timeout: float = 60.0,
+) -> tuple[ReceiverSite, ReceiverResource]:
+    """The site serving ``storage``, and its resource (to flag shutdown)."""
+    resource = ReceiverResource(Receiver(storage, limits), reactor, pool)
+    site = ReceiverSite(resource, limits, storage.tmp_dir, timeout=timeout)
+    os.makedirs(storage.tmp_dir, exist_ok=True)
+    return site, resource

@@ -1,0 +1,266 @@
+"""The client daemon's sender: one per destination, spool → server.
+
+A sender takes a batch from its destination's queue, posts it, acks what the
+server stored, fails what it refused for good (with the reason) and gives
+back the rest.  One batch is in flight per destination, which keeps the
+order of a channel across batches.  When the destination cannot be reached
+the sender backs off exponentially, with jitter, and other destinations are
+not held up: each has its own sender.
+
+Spool operations run in a single-thread pool, so they happen in the order
+they were asked for and the reactor never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from dropr.interfaces import SendResult
+from dropr.message import Message
+from dropr.spool import Spool
+from dropr.transport import BatchTooLarge
+
+
+class DestinationSender:
+    """Moves the messages for one destination from the spool to its server."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        spool: Spool,
+        destination: str,
+        transport: Any,
+        reactor: Any,
+        pool: ThreadPool,
+        *,
+        max_batch: int = 1000,
+        max_batch_bytes: int = 8 * 1024 * 1024,
+        max_age: float = 6 * 86400.0,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 60.0,
+        started: float | None = None,
+        clock: Callable[[], float] = time.time,
+        on_batch: Callable[[DestinationSender, int, int, int], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.destination = destination
+        self.transport = transport
+        self.reactor = reactor
+        self.pool = pool
+        self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
+        self.max_age = max_age
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self._clock = clock
+        self.started = clock() if started is None else started
+        self.on_batch = on_batch
+        #: "idle", "running" or "backoff"
+        self.state = "idle"
+        self.failures = 0
+        self.last_error = ""
+        self.sent = self.stored = self.failed = 0
+        self._again = False
+        self._stopping = False
+        self._run_d: Deferred[None] | None = None
+        self._send_d: Deferred[Any] | None = None
+        self._retry: IDelayedCall | None = None
+        self._attempted: set[str] = set()
+
+    def _disk(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.pool, f, *args)
+
+    def wake(self, force: bool = False) -> None:
+        """Send what waits now; ``force`` also cuts a backoff short."""
+        if self._stopping:
+            return
+        if self.state == "running":
+            self._again = True
+            return
+        if self.state == "backoff":
+            if not force:
+                return
+            if self._retry is not None and self._retry.active():
+                self._retry.cancel()
+            self._retry = None
+        self.state = "running"
+        self._run_d = ensureDeferred(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._again = False
+                batch: list[Message] = await self._disk(
+                    self.spool.take, self.destination, self.max_batch
+                )
+                if not batch:
+                    if self._again:
+                        continue
+                    break
+                if not await self._deliver(batch):
+                    return
+            self.state = "idle"
+        except Exception as e:  # never let a sender die; retry later
+            self.log.failure("sender for {destination} failed", destination=self.destination)
+            self._back_off(f"internal error: {e}")
+
+    async def _deliver(self, batch: list[Message]) -> bool:
+        """Send one batch; False when the destination failed (backing off)."""
+        now = self._clock()
+        too_old = [m for m in batch if now - m.created > self.max_age]
+        if too_old:
+            await self._disk(
+                self.spool.fail,
+                too_old,
+                f"not delivered to {self.destination} within the maximum age of "
+                f"{self.max_age:.0f} s",
+            )
+            self.failed += len(too_old)
+            self._forget(too_old)
+            batch = [m for m in batch if now - m.created <= self.max_age]
+        size = 0
+        for n, m in enumerate(batch):
+            size += len(m.payload)
+            if size > self.max_batch_bytes and n > 0:
+                self.pool.callInThread(self.spool.release, batch[n:])
+                batch = batch[:n]
+                break
+        if not batch:
+            return True
+        fresh = all(m.created >= self.started and m.id not in self._attempted for m in batch)
+        self._attempted.update(m.id for m in batch)
+        started = time.monotonic()
+        try:
+            self._send_d = self.transport.send(self.destination, batch, fresh)
+            results: Sequence[SendResult] = await self._send_d
+        except BatchTooLarge as e:
+            return await self._too_large(batch, str(e))
+        except Exception as e:
+            await self._disk(self.spool.release, batch)
+            if isinstance(e, CancelledError):
+                return False
+            self._back_off(f"{type(e).__name__}: {e}")
+            return False
+        finally:
+            self._send_d = None
+        by_id = {m.id: m for m in batch}
+        stored = [by_id[r.id] for r in results if r.stored]
+        refused: dict[str, list[Message]] = {}
+        retry = []
+        for r in results:
+            if r.stored:
+                continue
+            if r.permanent:
+                refused.setdefault(r.reason, []).append(by_id[r.id])
+            else:
+                retry.append(by_id[r.id])
+        # Queued on the one disk thread, these run before the next take.
+        if stored:
+            self.pool.callInThread(self.spool.ack, stored)
+        for reason, group in refused.items():
+            self.pool.callInThread(self.spool.fail, group, reason)
+        if retry:
+            self.pool.callInThread(self.spool.release, retry)
+        failed = sum(len(g) for g in refused.values())
+        self._forget(stored)
+        for group in refused.values():
+            self._forget(group)
+        self.sent += len(batch)
+        self.stored += len(stored)
+        self.failed += failed
+        self.failures = 0
+        self.log.info(
+            "sent {count} to {destination}: {stored} stored, {failed} failed, "
+            "{retry} to retry in {ms:.1f} ms",
+            count=len(batch),
+            destination=self.destination,
+            stored=len(stored),
+            failed=failed,
+            retry=len(retry),
+            ms=(time.monotonic() - started) * 1000,
+        )
+        if self.on_batch is not None:
+            self.on_batch(self, len(stored), failed, len(retry))
+        if retry and not stored and not failed:
+            self._back_off("the server stored none of the batch")
+            return False
+        return True
+
+    async def _too_large(self, batch: list[Message], reason: str) -> bool:
+        if len(batch) > 1:
+            self.max_batch = max(1, len(batch) // 2)
+            self.log.warn(
+                "{destination} refused a batch of {count} as too large ({reason}); "
+                "sending at most {limit} per batch",
+                destination=self.destination,
+                count=len(batch),
+                reason=reason,
+                limit=self.max_batch,
+            )
+            await self._disk(self.spool.release, batch)
+            return True
+        await self._disk(
+            self.spool.fail, batch, f"too large for {self.destination}: {reason}"
+        )
+        self.failed += 1
+        self._forget(batch)
+        return True
+
+    def _forget(self, messages: list[Message]) -> None:
+        for m in messages:
+            self._attempted.discard(m.id)
+
+    def _back_off(self, reason: str) -> None:
+        self.failures += 1
+        self.last_error = reason
+        delay = min(self.backoff_cap, self.backoff_base * 2 ** (self.failures - 1))
+        delay *= random.uniform(0.5, 1.0)
+        self.log.warn(
+            "cannot deliver to {destination} ({reason}); retry {n} in {delay:.1f} s",
+            destination=self.destination,
+            reason=reason,
+            n=self.failures,
+            delay=delay,
+        )
+        self.state = "backoff"
+        if not self._stopping:
+            self._retry = self.reactor.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self.wake(force=True)
+
+    def stop(self, grace: float = 10.0) -> Deferred[None]:
+        """Stop sending; the batch in flight gets ``grace`` seconds to finish.
+
+        A batch cut short stays in the spool (its lease is a dead owner's at
+        the next start) and is sent again.
+        """
+        self._stopping = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._run_d is None or self._run_d.called:
+            return succeed(None)
+        timer = self.reactor.callLater(grace, self._cancel_send)
+        d = self._run_d
+
+        def done(result: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        d.addBoth(done)
+        return d
+
+    def _cancel_send(self) -> None:
+        if self._send_d is not None:
+            self._send_d.cancel()

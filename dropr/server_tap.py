@@ -1,0 +1,130 @@
+"""``twistd dropr-server``: options and the service tree."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import reactor as global_reactor
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from dropr.errors import StorageLocked
+from dropr.filestorage import FilesystemStorage
+from dropr.receiver import Limits, ReceiverResource, make_site
+
+
+def _size(text: str) -> int:
+    """``"64M"`` → 67108864; plain digits are bytes."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    factor = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise usage.UsageError(f"not a size: {text!r} (use e.g. 1048576, 512K, 64M, 2G)") from None
+    if value < 0:
+        raise usage.UsageError(f"a size cannot be negative: {text!r}")
+    return value
+
+
+class Options(usage.Options):
+    """Options of ``twistd dropr-server``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Receive message batches over HTTP and store them durably in --store, "
+        "where consumers take them with dropr.Store."
+    )
+    optParameters: list[list[Any]] = [
+        ["store", "s", None, "Store directory (required; created if missing)."],
+        ["max-request", None, 64 * 1024 * 1024, "Largest request body accepted.", _size],
+        ["max-messages", None, 10000, "Most messages in one request.", int],
+        ["max-payload", None, 16 * 1024 * 1024, "Largest payload of one message.", _size],
+        ["store-max-bytes", None, None, "Refuse (507) beyond this many bytes waiting.", _size],
+        ["store-max-messages", None, None, "Refuse (507) beyond this many waiting.", int],
+        ["dedup-window", None, 7 * 86400.0, "Seconds a stored id is remembered.", float],
+        ["threads", None, 4, "Threads for disk work.", int],
+        ["timeout", None, 60.0, "Seconds an idle or stalled connection is kept.", float],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Twisted endpoint to listen on, e.g. tcp:8080 (repeatable; default tcp:8080)."""
+        self["listen"].append(endpoint)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        if not self["store"]:
+            raise usage.UsageError("--store DIR is required: where received messages are kept")
+        if not self["listen"]:
+            self["listen"] = ["tcp:8080"]
+        if self["threads"] < 1:
+            raise usage.UsageError("--threads must be at least 1")
+
+
+class ServerService(service.MultiService):
+    """Owns the store, the thread pool and the listening ports."""
+
+    log = Logger()
+
+    def __init__(
+        self, storage: FilesystemStorage, resource: ReceiverResource, pool: ThreadPool
+    ) -> None:
+        super().__init__()
+        self.storage = storage
+        self.resource = resource
+        self.pool = pool
+
+    def startService(self) -> None:
+        self.pool.start()
+        super().startService()
+        self.log.info("dropr-server storing in {store}", store=self.storage.path)
+
+    def stopService(self) -> Any:
+        # Refuse new batches, stop listening, let batches being stored finish
+        # (the pool's stop waits for them), then release the store.
+        self.resource.stopping = True
+        d = super().stopService()
+
+        def finish(result: object) -> object:
+            self.pool.stop()
+            self.storage.close()
+            self.log.info("dropr-server stopped")
+            return result
+
+        return d.addBoth(finish)
+
+
+def makeService(options: Options, reactor: Any = None) -> ServerService:
+    """Build the dropr-server service tree from parsed ``options``."""
+    reactor = reactor or global_reactor
+    store = os.path.abspath(options["store"])
+    try:
+        storage = FilesystemStorage(
+            store,
+            max_bytes=options["store-max-bytes"],
+            max_messages=options["store-max-messages"],
+            max_payload=options["max-payload"],
+            dedup=True,
+            dedup_window=options["dedup-window"],
+            exclusive=True,
+        )
+    except StorageLocked as e:
+        raise SystemExit(f"dropr-server: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"dropr-server: cannot use store {store}: {e}") from None
+    limits = Limits(options["max-request"], options["max-messages"], options["max-payload"])
+    pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="dropr-disk")
+    site, resource = make_site(storage, limits, reactor, pool, timeout=options["timeout"])
+    top = ServerService(storage, resource, pool)
+    for endpoint in options["listen"]:
+        strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
+    return top

@@ -1,0 +1,93 @@
+"""The HTTP transport: batches to a dropr-server with treq."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import treq
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.web.client import Agent, HTTPConnectionPool
+from zope.interface import implementer
+
+from dropr.interfaces import ITransport, SendResult
+from dropr.message import Message
+from dropr.wire import CONTENT_TYPE, FRESH_HEADER, WireError, decode_answer, encode_batch
+
+
+class DestinationUnavailable(Exception):
+    """The destination could not take the batch now; retry later."""
+
+
+class BatchTooLarge(Exception):
+    """The destination refused the request as too large; send fewer messages."""
+
+
+@implementer(ITransport)
+class HTTPTransport:
+    """Posts batches over persistent HTTP(S) connections owned by this object.
+
+    :param connect_timeout: seconds to wait for a connection.
+    :param timeout: seconds to wait for the whole answer.
+    :param context_factory: TLS policy for ``https`` destinations (an
+        ``IPolicyForHTTPS``); the system's roots when None.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        connect_timeout: float = 10.0,
+        timeout: float = 60.0,
+        context_factory: Any = None,
+        max_connections: int = 2,
+    ) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_connections
+        self.pool.retryAutomatically = False
+        kwargs: dict[str, Any] = {"connectTimeout": connect_timeout, "pool": self.pool}
+        if context_factory is not None:
+            kwargs["contextFactory"] = context_factory
+        self.client = treq.client.HTTPClient(Agent(reactor, **kwargs))
+        self.timeout = timeout
+
+    @inlineCallbacks
+    def send(
+        self, destination: str, messages: Sequence[Message], fresh: bool = False
+    ) -> Any:  # Deferred[list[SendResult]]
+        """Post ``messages`` to ``destination``; see ``ITransport.send``."""
+        headers = {"Content-Type": [CONTENT_TYPE]}
+        if fresh:
+            headers[FRESH_HEADER] = ["1"]
+        response = yield self.client.post(
+            destination, data=encode_batch(messages), headers=headers, timeout=self.timeout
+        )
+        body = yield treq.content(response)
+        code = response.code
+        if code == 200:
+            try:
+                results: list[SendResult] = decode_answer(body, messages)
+            except WireError as e:
+                raise DestinationUnavailable(str(e)) from e
+            return results
+        reason = _error_text(body) or f"HTTP {code}"
+        if code == 413:
+            raise BatchTooLarge(reason)
+        if 400 <= code < 500 and code not in (404, 408, 429):
+            # The server read the request and refuses it as such: retrying the
+            # same bytes cannot help, so each message fails with its reason.
+            text = f"refused by {destination}: HTTP {code}: {reason}"
+            return [SendResult(m.id, False, text, permanent=True) for m in messages]
+        raise DestinationUnavailable(f"{destination} answered HTTP {code}: {reason}")
+
+    def close(self) -> Deferred[None]:
+        """Close the pooled connections."""
+        return self.pool.closeCachedConnections()  # type: ignore[no-any-return]
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+        return str(data.get("error", ""))[:500]
+    except (ValueError, AttributeError):
+        return body[:200].decode("utf-8", "replace")

@@ -1,0 +1,185 @@
+"""The wire format between dropr-client and dropr-server.
+
+A batch is one ``POST`` to the destination URL with
+``Content-Type: application/x-dropr-batch`` and a body in the batch file
+format of :mod:`dropr.batchfile` (magic, then framed, checksummed records;
+the destination field is left empty).  ``X-Dropr-Fresh: 1`` tells the server
+that none of the messages was ever offered before, so it need not look
+their ids up in its dedup index.
+
+A single message can be posted by any HTTP client (``curl``): any other
+content type, the body is the payload, and the query string carries
+``channel`` (default ``common``), ``priority`` (default 5) and, for
+exactly-once delivery across retries, ``id`` (32 hex digits; the server makes
+one when it is missing).
+
+The answer to both is JSON::
+
+    {"stored": ["<id>", ...], "rejected": {"<id>": "<reason>", ...}}
+
+Every id in the request is in exactly one of the two.  "stored" means
+durable in the server's store (now or before: a resent id is answered
+"stored" again).  A rejection is final; sending the same message again
+gets the same answer.  A request that cannot be read at all is answered
+4xx with ``{"error": "<reason>"}``; a server that cannot store for now
+(store full: 507, shutting down: 503) answers 5xx, and the client retries
+later.  See docs/wire-format.rst.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from dropr.batchfile import MAGIC
+from dropr.interfaces import SendResult
+from dropr.message import MAX_PRIORITY, Message
+
+CONTENT_TYPE = "application/x-dropr-batch"
+FRESH_HEADER = "X-Dropr-Fresh"
+_FRAME = struct.Struct(">I")
+_HEAD = struct.Struct(">16sBBH")
+_CHANNEL_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+class WireError(ValueError):
+    """A request body that cannot be read; the whole request is refused."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def encode_batch(messages: Sequence[Message]) -> bytes:
+    """The request body carrying ``messages`` (destinations left out)."""
+    parts = [MAGIC]
+    append = parts.append
+    pack_head = _HEAD.pack
+    pack_frame = _FRAME.pack
+    crc32 = zlib.crc32
+    for m in messages:
+        channel = m.channel.encode("ascii")
+        body = pack_head(bytes.fromhex(m.id), m.priority, len(channel), 0) + channel + m.payload
+        append(pack_frame(len(body)))
+        append(body)
+        append(pack_frame(crc32(body)))
+    return b"".join(parts)
+
+
+@dataclass(slots=True)
+class ParsedBatch:
+    """The messages of a request, and those refused one by one."""
+
+    messages: list[Message] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def parse_batch(body: BinaryIO, max_payload: int, max_messages: int) -> ParsedBatch:
+    """Read a batch request body from ``body``, checking every record.
+
+    Reads one record at a time and never more than a record's announced
+    length, which is checked against ``max_payload`` first.  Raises
+    :class:`WireError` for a body that cannot be trusted as a whole (bad
+    framing or checksum, too many messages); a record that is well framed
+    but carries a bad field is refused alone, in ``rejected``.
+    """
+    if body.read(len(MAGIC)) != MAGIC:
+        raise WireError(
+            f"body is not a dropr batch (it must start with {MAGIC!r}); to post "
+            "one raw message, use another Content-Type"
+        )
+    result = ParsedBatch()
+    max_body = _HEAD.size + 64 + 0xFFFF + max_payload
+    valid_channels: set[bytes] = set()
+    count = 0
+    while True:
+        frame = body.read(4)
+        if not frame:
+            break
+        if len(frame) < 4:
+            raise WireError(f"record {count}: body ends inside a record length")
+        (length,) = _FRAME.unpack(frame)
+        if length < _HEAD.size:
+            raise WireError(f"record {count}: impossible length {length}")
+        if length > max_body:
+            raise WireError(
+                f"record {count}: {length} bytes is more than the largest message "
+                f"this server accepts ({max_payload} bytes of payload)",
+                413,
+            )
+        count += 1
+        if count > max_messages:
+            raise WireError(
+                f"more than {max_messages} messages in one request; send smaller batches",
+                413,
+            )
+        record = body.read(length + 4)
+        if len(record) < length + 4:
+            raise WireError(f"record {count - 1}: body ends inside the record")
+        (crc,) = _FRAME.unpack_from(record, length)
+        data = record[:length]
+        if zlib.crc32(data) != crc:
+            raise WireError(f"record {count - 1}: checksum mismatch (corrupted in transit?)")
+        raw_id, priority, clen, dlen = _HEAD.unpack_from(data)
+        message_id = raw_id.hex()
+        start = _HEAD.size
+        channel = data[start : start + clen]
+        payload_start = start + clen + dlen
+        if payload_start > length:
+            result.rejected[message_id] = "field lengths exceed the record"
+            continue
+        if channel not in valid_channels:
+            if not _CHANNEL_RE.match(channel):
+                result.rejected[message_id] = (
+                    f"invalid channel name {channel!r}: use 1 to 64 characters "
+                    "from A-Z a-z 0-9 . _ - starting with a letter or digit"
+                )
+                continue
+            valid_channels.add(channel)
+        if priority > MAX_PRIORITY:
+            result.rejected[message_id] = f"invalid priority {priority}: use 0 to 9"
+            continue
+        payload = data[payload_start:]
+        if len(payload) > max_payload:
+            result.rejected[message_id] = (
+                f"payload of {len(payload)} bytes exceeds this server's maximum "
+                f"of {max_payload} bytes"
+            )
+            continue
+        result.messages.append(Message(message_id, payload, channel.decode("ascii"), priority))
+    return result
+
+
+def encode_answer(stored: Sequence[str], rejected: dict[str, str]) -> bytes:
+    """The JSON answer to a request."""
+    return json.dumps({"stored": list(stored), "rejected": rejected}).encode("utf-8")
+
+
+def decode_answer(body: bytes, messages: Sequence[Message]) -> list[SendResult]:
+    """One ``SendResult`` per message from a server's JSON answer.
+
+    A message the answer does not mention is reported not stored, to be
+    sent again (transient): the server never stores a message silently.
+    """
+    try:
+        data = json.loads(body)
+        stored = set(data["stored"])
+        rejected = data.get("rejected") or {}
+        if not isinstance(rejected, dict):
+            raise TypeError("rejected is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise WireError(f"unreadable answer from server: {e}") from e
+    results = []
+    for m in messages:
+        if m.id in stored:
+            results.append(SendResult(m.id, True))
+        elif m.id in rejected:
+            results.append(SendResult(m.id, False, str(rejected[m.id]), permanent=True))
+        else:
+            results.append(SendResult(m.id, False, "not mentioned in the server's answer"))
+    return results

@@ -1,0 +1,10 @@
+"""twistd plugins: ``twistd dropr-server`` and ``twistd dropr-client``."""
+
+from twisted.application.service import ServiceMaker
+
+dropr_server = ServiceMaker(
+    "dropr server", "dropr.server_tap", "Receive dropr messages into a store.", "dropr-server"
+)
+dropr_client = ServiceMaker(
+    "dropr client", "dropr.client_tap", "Forward a dropr spool to its servers.", "dropr-client"
+)
