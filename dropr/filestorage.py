@@ -51,6 +51,7 @@ _TMP_MAX_AGE = 3600.0
 _BUCKET_SETTLE = 10.0
 _BUCKET_MS = 1 << 12
 _CACHE_BYTES = 64 * 1024 * 1024
+WAKE_NAME = "wake"
 
 
 def encode_queue(name: str) -> str:
@@ -332,12 +333,31 @@ class FilesystemStorage:
                 synced.add(bucket)
             for bucket in synced:
                 fsync_dir(bucket)
+            self._touch_wake(qpath)
             if self.dedup is not None:
                 self.dedup.record([m.id for m in messages], written[-1][2].batch_id)
             if self._usage is not None:
                 at, c, b = self._usage
                 self._usage = (at, c + count, b + nbytes)
             return [m.id for m in messages]
+
+    @staticmethod
+    def _touch_wake(qpath: str) -> None:
+        """Touch the queue's ``wake`` file: consumers watch it with inotify."""
+        path = os.path.join(qpath, WAKE_NAME)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+    def wake_file(self, queue: str) -> str:
+        """The file whose change time moves each time ``queue`` gets messages."""
+        qpath = os.path.join(self.queues_dir, encode_queue(validate_queue(queue)))
+        ensure_dir(qpath)
+        path = os.path.join(qpath, WAKE_NAME)
+        if not os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        return path
 
     def _bucket_dir(self, qpath: str, priority: int, batch_id: str) -> str:
         return os.path.join(qpath, str(priority), batch_id[:7], batch_id[7:9])

@@ -51,6 +51,15 @@ def _json(request: server.Request, status: int, data: dict[str, Any]) -> bytes:
     return json.dumps(data).encode("utf-8")
 
 
+def _finish(request: server.Request, status: int, body: bytes) -> None:
+    """Send a whole JSON answer with its length (no chunked encoding)."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", str(len(body)).encode("ascii"))
+    request.write(body)
+    request.finish()
+
+
 class UploadRequest(server.Request):
     """A request whose body is spooled to the store's disk, within a limit."""
 
@@ -286,9 +295,7 @@ class ReceiverResource(Resource):
         )
         if gone:
             return
-        request.setHeader(b"content-type", b"application/json")
-        request.write(encode_answer(stored, rejected))
-        request.finish()
+        _finish(request, 200, encode_answer(stored, rejected))
 
     def _failed(self, failure: Failure, request: server.Request, gone: list[bool]) -> None:
         if failure.check(WireError):
@@ -305,8 +312,7 @@ class ReceiverResource(Resource):
             self.log.warn("refused a request: {status} {reason}", status=status, reason=reason)
         if gone:
             return
-        request.write(_json(request, status, {"error": reason}))
-        request.finish()
+        _finish(request, status, json.dumps({"error": reason}).encode("utf-8"))
 
 
 def _single_message_args(request: server.Request) -> tuple[str, int, str | None]:
