@@ -7,10 +7,12 @@ millisecond time divided by 8192 (about 8 seconds), in hex.  Looking an id
 up reads one slot file, and forgetting ids older than the window deletes
 whole files.
 
-Ids are appended and synced after their batch file is durable and before
-``add`` returns.  A crash between the two leaves a stored batch whose ids
-are not indexed, so ``checkpoint`` records the time of the last batch whose
-ids are synced, and opening re-indexes every batch added since.
+Ids are appended after their batch file is durable, without a sync of
+their own: at most once a second the slot files are synced and
+``checkpoint`` records the id of the newest batch whose ids are now durable.
+Opening re-indexes every batch added since the checkpoint, so a crash at any
+moment leaves no stored batch unindexed, and consumers delete a consumed
+batch only once the checkpoint has passed it.
 
 Lookups are needed only for messages that may have been offered before (a
 resend).  A sender marks a batch *fresh* when it never offered it before,
@@ -54,6 +56,7 @@ class DedupIndex:
         self.checkpoint_ms = self._read_checkpoint()
         self._checkpoint_written = 0.0
         self._indexed_ms = self.checkpoint_ms
+        self._dirty: set[int] = set()
         self.prune()
 
     def _read_checkpoint(self) -> int:
@@ -112,7 +115,7 @@ class DedupIndex:
         return os.path.join(self.path, f"{slot:011x}{_SUFFIX}")
 
     def record(self, ids: Iterable[str], batch_id: str | None = None) -> None:
-        """Append ``ids`` to their slot files and sync them.
+        """Append ``ids`` to their slot files (synced by the next checkpoint).
 
         ``batch_id`` is the id of the newest batch these ids were stored in;
         every batch up to it is then indexed, which the checkpoint records.
@@ -127,7 +130,7 @@ class DedupIndex:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
+            self._dirty.add(slot)
             loaded = self._loaded.get(slot)
             if loaded is not None:
                 loaded.update(raw)
@@ -149,7 +152,10 @@ class DedupIndex:
             os.ftruncate(fd, size - size % 16)
         self._fds[slot] = fd
         while len(self._fds) > _OPEN_FILES_MAX:
-            _old, old_fd = self._fds.popitem(last=False)
+            old_slot, old_fd = self._fds.popitem(last=False)
+            if old_slot in self._dirty:
+                os.fdatasync(old_fd)
+                self._dirty.discard(old_slot)
             os.close(old_fd)
         return fd
 
@@ -157,7 +163,16 @@ class DedupIndex:
         now = time.monotonic()
         if not force and now - self._checkpoint_written < 1.0:
             return
-        self._checkpoint_written = now
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Sync the slot files written to, then record how far they reach."""
+        self._checkpoint_written = time.monotonic()
+        for slot in self._dirty:
+            fd = self._fds.get(slot)
+            if fd is not None:
+                os.fdatasync(fd)
+        self._dirty.clear()
         # Batch ids of one process never decrease, so every batch not yet
         # indexed has an id at or after the newest indexed batch's.
         ms = self._indexed_ms
@@ -196,8 +211,8 @@ class DedupIndex:
         return removed
 
     def close(self) -> None:
-        """Close files; write a final checkpoint."""
-        self._maybe_checkpoint(force=True)
+        """Sync and close files; write a final checkpoint."""
+        self.checkpoint()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

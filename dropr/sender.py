@@ -98,24 +98,38 @@ class DestinationSender:
 
     async def _run(self) -> None:
         try:
-            while not self._stopping:
-                self._again = False
-                batch: list[Message] = await self._disk(
-                    self.spool.take, self.destination, self.max_batch
-                )
+            batch = await self._take()
+            while batch and not self._stopping:
+                batch = await self._prepare(batch)
                 if not batch:
-                    if self._again:
-                        continue
-                    break
-                if not await self._deliver(batch):
-                    return
+                    batch = await self._take()
+                    continue
+                # Take the next batch on the disk thread while this one is on
+                # the wire; it is given back if this one has to be sent again,
+                # so that order holds.
+                prefetch = self._take()
+                outcome = await self._deliver(batch)
+                following: list[Message] = await prefetch
+                if outcome != "sent":
+                    if following:
+                        await self._disk(self.spool.release, following)
+                    if outcome == "backoff":
+                        return
+                    following = await self._take()
+                batch = following
             self.state = "idle"
+            if self._again and not self._stopping:
+                self.wake()
         except Exception as e:  # never let a sender die; retry later
             self.log.failure("sender for {destination} failed", destination=self.destination)
             self._back_off(f"internal error: {e}")
 
-    async def _deliver(self, batch: list[Message]) -> bool:
-        """Send one batch; False when the destination failed (backing off)."""
+    def _take(self) -> Deferred[list[Message]]:
+        self._again = False
+        return self._disk(self.spool.take, self.destination, self.max_batch)
+
+    async def _prepare(self, batch: list[Message]) -> list[Message]:
+        """Fail what is too old and keep the batch within the byte limit."""
         now = self._clock()
         too_old = [m for m in batch if now - m.created > self.max_age]
         if too_old:
@@ -132,11 +146,12 @@ class DestinationSender:
         for n, m in enumerate(batch):
             size += len(m.payload)
             if size > self.max_batch_bytes and n > 0:
-                self.pool.callInThread(self.spool.release, batch[n:])
-                batch = batch[:n]
-                break
-        if not batch:
-            return True
+                await self._disk(self.spool.release, batch[n:])
+                return batch[:n]
+        return batch
+
+    async def _deliver(self, batch: list[Message]) -> str:
+        """Send one batch: "sent", "again" (send anew at once) or "backoff"."""
         fresh = all(m.created >= self.started and m.id not in self._attempted for m in batch)
         self._attempted.update(m.id for m in batch)
         started = time.monotonic()
@@ -144,13 +159,13 @@ class DestinationSender:
             self._send_d = self.transport.send(self.destination, batch, fresh)
             results: Sequence[SendResult] = await self._send_d
         except BatchTooLarge as e:
-            return await self._too_large(batch, str(e))
+            await self._too_large(batch, str(e))
+            return "again"
         except Exception as e:
             await self._disk(self.spool.release, batch)
-            if isinstance(e, CancelledError):
-                return False
-            self._back_off(f"{type(e).__name__}: {e}")
-            return False
+            if not isinstance(e, CancelledError):
+                self._back_off(f"{type(e).__name__}: {e}")
+            return "backoff"
         finally:
             self._send_d = None
         by_id = {m.id: m for m in batch}
@@ -164,7 +179,7 @@ class DestinationSender:
                 refused.setdefault(r.reason, []).append(by_id[r.id])
             else:
                 retry.append(by_id[r.id])
-        # Queued on the one disk thread, these run before the next take.
+        # Queued on the one disk thread, these run before any later take.
         if stored:
             self.pool.callInThread(self.spool.ack, stored)
         for reason, group in refused.items():
@@ -191,12 +206,14 @@ class DestinationSender:
         )
         if self.on_batch is not None:
             self.on_batch(self, len(stored), failed, len(retry))
-        if retry and not stored and not failed:
-            self._back_off("the server stored none of the batch")
-            return False
-        return True
+        if retry:
+            if not stored and not failed:
+                self._back_off("the server stored none of the batch")
+                return "backoff"
+            return "again"
+        return "sent"
 
-    async def _too_large(self, batch: list[Message], reason: str) -> bool:
+    async def _too_large(self, batch: list[Message], reason: str) -> None:
         if len(batch) > 1:
             self.max_batch = max(1, len(batch) // 2)
             self.log.warn(
@@ -208,13 +225,12 @@ class DestinationSender:
                 limit=self.max_batch,
             )
             await self._disk(self.spool.release, batch)
-            return True
+            return
         await self._disk(
             self.spool.fail, batch, f"too large for {self.destination}: {reason}"
         )
         self.failed += 1
         self._forget(batch)
-        return True
 
     def _forget(self, messages: list[Message]) -> None:
         for m in messages:

@@ -6,7 +6,9 @@ import os
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.application.internet import TimerService
 from twisted.internet import reactor as global_reactor
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -103,6 +105,13 @@ class ServerService(service.MultiService):
         return d.addBoth(finish)
 
 
+def _maintain(reactor: Any, pool: ThreadPool, storage: FilesystemStorage) -> Any:
+    d = deferToThreadPool(reactor, pool, storage.maintain)
+    # A TimerService stops for good on an error: log it and carry on.
+    d.addErrback(lambda f: ServerService.log.failure("store upkeep failed", f))
+    return d
+
+
 def makeService(options: Options, reactor: Any = None) -> ServerService:
     """Build the dropr-server service tree from parsed ``options``."""
     reactor = reactor or global_reactor
@@ -125,6 +134,9 @@ def makeService(options: Options, reactor: Any = None) -> ServerService:
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="dropr-disk")
     site, resource = make_site(storage, limits, reactor, pool, timeout=options["timeout"])
     top = ServerService(storage, resource, pool)
+    upkeep = TimerService(1.0, _maintain, reactor, pool, storage)
+    upkeep.clock = reactor
+    upkeep.setServiceParent(top)
     for endpoint in options["listen"]:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(top)
     return top

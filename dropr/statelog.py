@@ -63,6 +63,17 @@ class BatchState:
     done: set[int] = field(default_factory=set)
     #: index → (lease expiry in ms since the epoch, owner token)
     leases: dict[int, tuple[int, str]] = field(default_factory=dict)
+    #: The batch size for which every index was found done (done only grows).
+    complete_for: int = -1
+
+    def complete(self, count: int) -> bool:
+        """True when every message of a batch of ``count`` is acked or failed."""
+        if self.complete_for == count:
+            return True
+        if len(self.done) >= count and all(i in self.done for i in range(count)):
+            self.complete_for = count
+            return True
+        return False
 
 
 class StateLog:

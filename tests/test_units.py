@@ -1,0 +1,39 @@
+"""The shipped systemd units start what they say, with options the daemons accept."""
+
+from __future__ import annotations
+
+import configparser
+import shlex
+from pathlib import Path
+
+import pytest
+
+from dropr import client_tap, server_tap
+
+UNITS = Path(__file__).parent.parent / "contrib" / "systemd"
+
+
+def _exec_start(unit: str) -> list[str]:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.read_string((UNITS / unit).read_text().replace("\\\n", " "))
+    assert parser["Service"]["Restart"] == "always"
+    return shlex.split(parser["Service"]["ExecStart"])
+
+
+@pytest.mark.parametrize(
+    ("unit", "plugin", "options"),
+    [
+        ("dropr-server.service", "dropr-server", server_tap.Options),
+        ("dropr-client.service", "dropr-client", client_tap.Options),
+    ],
+)
+def test_unit_runs_twistd_in_foreground_with_valid_options(
+    unit: str, plugin: str, options: type
+) -> None:
+    argv = _exec_start(unit)
+    assert argv[0].endswith("twistd")
+    assert "-n" in argv  # systemd supervises a foreground process
+    rest = argv[argv.index(plugin) + 1 :]
+    parsed = options()
+    parsed.parseOptions(rest)  # raises UsageError on a bad option
+    assert parsed["store" if plugin == "dropr-server" else "spool"].startswith("/var/")
