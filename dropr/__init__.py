@@ -37,8 +37,8 @@ __all__ = [
     "StorageLocked",
     "Store",
     "UnknownMessage",
+    "__version__",
     "put",
     "put_deferred",
     "put_many",
-    "__version__",
 ]

@@ -89,8 +89,9 @@ class ChannelConsumer(service.Service):
                 )
                 self._inotify = notifier
             except Exception as e:  # no inotify here: the timer carries on
-                self.log.warn("no inotify ({error}); polling every {poll} s", error=e,
-                              poll=self._poll)
+                self.log.warn(
+                    "no inotify ({error}); polling every {poll} s", error=e, poll=self._poll
+                )
         self._timer.start(self._poll, now=True)
 
     def wake(self) -> None:

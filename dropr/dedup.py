@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from dropr.durable import fsync_dir
 from dropr.ids import id_millis
 
 if TYPE_CHECKING:
@@ -42,9 +43,7 @@ _OPEN_FILES_MAX = 8
 class DedupIndex:
     """Stored ids of the last ``window`` seconds, on disk under ``path``."""
 
-    def __init__(
-        self, path: str, window: float, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, path: str, window: float, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.window = window
         self._clock = clock
@@ -57,6 +56,7 @@ class DedupIndex:
         self._checkpoint_written = 0.0
         self._indexed_ms = self.checkpoint_ms
         self._dirty: set[int] = set()
+        self._new_files = False
         self.prune()
 
     def _read_checkpoint(self) -> int:
@@ -145,6 +145,8 @@ class DedupIndex:
             self._fds.move_to_end(slot)
             return fd
         path = self._file(slot)
+        if not os.path.exists(path):
+            self._new_files = True
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         size = os.fstat(fd).st_size
         if size % 16:
@@ -173,6 +175,10 @@ class DedupIndex:
             if fd is not None:
                 os.fdatasync(fd)
         self._dirty.clear()
+        if self._new_files:
+            # A new slot file is only durable once its directory entry is.
+            fsync_dir(self.path)
+            self._new_files = False
         # Batch ids of one process never decrease, so every batch not yet
         # indexed has an id at or after the newest indexed batch's.
         ms = self._indexed_ms
@@ -181,7 +187,10 @@ class DedupIndex:
         tmp = self._checkpoint_path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(f"{ms}\n".encode())
+            f.flush()
+            os.fdatasync(f.fileno())
         os.replace(tmp, self._checkpoint_path)
+        fsync_dir(self.path)
         self.checkpoint_ms = ms
 
     def recover(self, batches: Iterable[tuple[str, list[str]]]) -> int:

@@ -80,6 +80,7 @@ def _run(args: argparse.Namespace, url: str, spool: str, store_path: str) -> int
 
     store = dropr.Store(store_path)
     try:
+
         def depth() -> int:
             return sum(s.depth for s in store.stats().values())
 
@@ -107,8 +108,10 @@ def _run(args: argparse.Namespace, url: str, spool: str, store_path: str) -> int
         t4 = time.perf_counter()
         lost = len(set(sent) - set(seen))
         dupes = sum(1 for c in seen.values() if c > 1)
-        print(f"consumed {len(seen)} in {t4 - t3:.2f} s: lost {lost}, duplicates {dupes}, "
-              f"corrupt {bad}")
+        print(
+            f"consumed {len(seen)} in {t4 - t3:.2f} s: lost {lost}, duplicates {dupes}, "
+            f"corrupt {bad}"
+        )
     finally:
         store.close()
     ok = lost == 0 and dupes == 0 and bad == 0 and len(seen) == len(sent)

@@ -19,6 +19,7 @@ faults are independent of the daemons' event loops.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -80,10 +81,8 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._stopped = True
-        try:
+        with contextlib.suppress(OSError):
             self.listener.close()
-        except OSError:
-            pass
 
     def _accept(self) -> None:
         while not self._stopped:

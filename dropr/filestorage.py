@@ -18,6 +18,7 @@ so directories stay small and a sorted walk is delivery order.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fcntl
 import json
@@ -41,7 +42,7 @@ from dropr.errors import InvalidMessage, StorageFull, StorageLocked, UnknownMess
 from dropr.ids import id_time, new_id
 from dropr.interfaces import IStorage, QueueStats
 from dropr.message import DEFAULT_MAX_PAYLOAD, Message
-from dropr.statelog import StateLog, format_indexes
+from dropr.statelog import StateLog, format_indexes, line
 
 _SAFE_QUEUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _TMP_RE = re.compile(r".*\.(\d+)\.[0-9a-f]{12}\.tmp\Z")
@@ -337,13 +338,22 @@ class FilesystemStorage:
                 name = BatchName(new_id(), len(group), sum(len(m.payload) for m in group))
                 tmp = write_new_file(self.tmp_dir, name.batch_id, batchfile.encode(group))
                 written.append((tmp, self._bucket_dir(qpath, priority, name.batch_id), name))
-            for tmp, bucket, name in written:
-                if ensure_dir(bucket):
-                    self._listing.forget(os.path.dirname(os.path.dirname(bucket)))
-                rename_into(tmp, bucket, str(name))
-                synced.add(bucket)
-            for bucket in synced:
-                fsync_dir(bucket)
+            placed: list[str] = []
+            try:
+                for tmp, bucket, name in written:
+                    if ensure_dir(bucket):
+                        self._listing.forget(os.path.dirname(os.path.dirname(bucket)))
+                    rename_into(tmp, bucket, str(name))
+                    placed.append(os.path.join(bucket, str(name)))
+                    synced.add(bucket)
+                for bucket in synced:
+                    fsync_dir(bucket)
+            except BaseException:
+                # All or nothing: take back what this call placed already.
+                for path in placed + [tmp for tmp, _b, _n in written]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                raise
             self._touch_wake(qpath)
             if self.dedup is not None:
                 self.dedup.record([m.id for m in messages], written[-1][2].batch_id)
@@ -516,9 +526,7 @@ class FilesystemStorage:
                         )
                     )
                 if chosen:
-                    lines.append(
-                        f"T {bn.batch_id} {expiry} {format_indexes(chosen)} {self.owner}\n"
-                    )
+                    lines.append(line("T", bn.batch_id, expiry, format_indexes(chosen), self.owner))
             if lines:
                 log.append(lines, sync=False)
             if complete:
@@ -563,7 +571,7 @@ class FilesystemStorage:
         self._cache[path] = messages
         self._cache_bytes += bn.nbytes
         while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
-            old_path, old = self._cache.popitem(last=False)
+            _old_path, old = self._cache.popitem(last=False)
             self._cache_bytes -= sum(len(m.payload) for m in old)
         return messages
 
@@ -632,10 +640,8 @@ class FilesystemStorage:
         fsync_dir(bucket)
         for name in names:
             if BatchName.parse(name) is None:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(bucket, name))
-                except FileNotFoundError:
-                    pass
         q.logs.pop(bucket, None)
         self._listing.forget(bucket)
         for d in (bucket, os.path.dirname(bucket)):
@@ -731,8 +737,9 @@ class FilesystemStorage:
                 try:
                     for bucket, batches in buckets.items():
                         log = q.log(bucket)
+                        owner = (self.owner,) if op == "R" else ()
                         lines = [
-                            f"{op} {batch_id} {format_indexes(idx)}\n"
+                            line(op, batch_id, format_indexes(idx), *owner)
                             for batch_id, idx in batches.items()
                         ]
                         log.append(lines, sync=sync)
@@ -759,10 +766,7 @@ class FilesystemStorage:
             return [n for n in names if n is not None]
 
     def _has_batches(self, path: str) -> bool:
-        for _root, _dirs, files in os.walk(path):
-            if any(BatchName.parse(f) for f in files):
-                return True
-        return False
+        return any(any(BatchName.parse(f) for f in files) for _root, _dirs, files in os.walk(path))
 
     def stats(self) -> dict[str, QueueStats]:
         """Figures for every queue; reads state logs, so it costs a walk."""
@@ -797,11 +801,11 @@ class FilesystemStorage:
                             1 for i in open_idx if not self._lease_free(state.leases.get(i), now_ms)
                         )
                         if not oldest:
-                            msgs = self._read_batch(queue, bucket, bn)
-                            if msgs:
+                            head = self._read_batch(queue, bucket, bn)
+                            if head:
                                 first = min(open_idx)
-                                if first < len(msgs):
-                                    oldest = max(0.0, now - id_time(msgs[first].id))
+                                if first < len(head):
+                                    oldest = max(0.0, now - id_time(head[first].id))
                 failed = 0
                 fdir = os.path.join(self.failed_dir, encode_queue(queue))
                 if os.path.isdir(fdir):
@@ -840,9 +844,7 @@ class FilesystemStorage:
     def _queue(self, name: str) -> _Queue:
         q = self._queues.get(name)
         if q is None:
-            q = self._queues[name] = _Queue(
-                name, os.path.join(self.queues_dir, encode_queue(name))
-            )
+            q = self._queues[name] = _Queue(name, os.path.join(self.queues_dir, encode_queue(name)))
         return q
 
     def _check_open(self) -> None:

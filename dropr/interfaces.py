@@ -6,9 +6,13 @@ each with ``verifyObject``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from zope.interface import Attribute, Interface
+
+from dropr.message import Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +52,7 @@ class IStorage(Interface):
     (0 first), then the order messages were added.
     """
 
-    def add(queue: str, messages: object, fresh: bool = False) -> list[str]:
+    def add(queue: str, messages: Sequence[Message], fresh: bool = False) -> list[str]:
         """Store ``messages`` (a sequence of ``Message``) in ``queue``.
 
         Returns the ids of the messages that were stored by this call.
@@ -60,20 +64,20 @@ class IStorage(Interface):
         Raises ``StorageFull`` (storing nothing) when the limit is reached.
         """
 
-    def take(queue: str, limit: int, lease: float | None = None) -> list[object]:
+    def take(queue: str, limit: int, lease: float | None = None) -> list[Message]:
         """Claim up to ``limit`` messages of ``queue`` in delivery order.
 
         A claimed message is not handed to anyone else until its lease
         (seconds; the storage's default when None) expires or it is released.
         """
 
-    def ack(messages: object) -> None:
+    def ack(messages: Iterable[Message]) -> None:
         """Forget ``messages`` (taken from this storage): they are done."""
 
-    def release(messages: object) -> None:
+    def release(messages: Iterable[Message]) -> None:
         """Return taken ``messages`` to their queue, to be taken again."""
 
-    def fail(messages: object, reason: str) -> None:
+    def fail(messages: Iterable[Message], reason: str) -> None:
         """Move taken ``messages`` to the failed area, with ``reason``."""
 
     def queues() -> list[str]:
@@ -82,7 +86,7 @@ class IStorage(Interface):
     def stats() -> dict[str, QueueStats]:
         """A ``QueueStats`` for every queue in ``queues()``."""
 
-    def failed(queue: str, limit: int) -> list[object]:
+    def failed(queue: str, limit: int = 100) -> list[tuple[Message, str]]:
         """Up to ``limit`` messages of the failed area of ``queue``, with reasons.
 
         Returns ``(message, reason)`` pairs, oldest first.
@@ -95,8 +99,10 @@ class IStorage(Interface):
 class ITransport(Interface):
     """Carries batches of messages to a destination."""
 
-    def send(destination: str, messages: object) -> object:
-        """Send ``messages`` (a sequence of ``Message``) to ``destination``.
+    def send(destination: str, messages: Sequence[Message], fresh: bool = False) -> Any:
+        """Send ``messages`` to ``destination``; a Deferred of ``SendResult``s.
+
+        ``fresh`` says that none of the messages was ever sent before.
 
         Returns a Deferred that fires with a list of ``SendResult``, one per
         message, or fails when the destination could not be reached (in

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
@@ -28,8 +28,13 @@ from twisted.web.resource import Resource
 from dropr.errors import InvalidMessage, StorageFull
 from dropr.filestorage import FilesystemStorage
 from dropr.ids import id_millis, is_valid_id, new_id
-from dropr.message import DEFAULT_CHANNEL, DEFAULT_PRIORITY, Message
-from dropr.message import validate_channel, validate_priority
+from dropr.message import (
+    DEFAULT_CHANNEL,
+    DEFAULT_PRIORITY,
+    Message,
+    validate_channel,
+    validate_priority,
+)
 from dropr.wire import CONTENT_TYPE, FRESH_HEADER, WireError, encode_answer, parse_batch
 
 #: A sender's clock may run this far ahead of the server's (seconds).
@@ -68,7 +73,7 @@ class UploadRequest(server.Request):
     _refused = False
 
     def gotLength(self, length: int | None) -> None:
-        site: ReceiverSite = self.channel.site
+        site: ReceiverSite = self.channel.site  # type: ignore[attr-defined]
         self._body_limit = site.limits.max_request_bytes
         if length is not None and length > self._body_limit:
             self._refuse(
@@ -77,7 +82,8 @@ class UploadRequest(server.Request):
                 f"limit of {self._body_limit} bytes; send smaller batches",
             )
             return
-        self.content = tempfile.TemporaryFile(dir=site.tmp_dir)
+        # Closed by twisted.web when the request is done.
+        self.content = tempfile.TemporaryFile(dir=site.tmp_dir)  # noqa: SIM115
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -90,7 +96,8 @@ class UploadRequest(server.Request):
                 f"{self._body_limit} bytes; send smaller batches",
             )
             return
-        self.content.write(data)
+        if self.content is not None:
+            self.content.write(data)
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer at once and hang up, without reading the rest of the body."""
@@ -134,7 +141,7 @@ class ReceiverSite(server.Site):
         self.limits = limits
         self.tmp_dir = tmp_dir
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         # One line per batch is logged by the resource; per-request access
         # lines would drown them at thousands of requests per second.
         pass
@@ -159,11 +166,9 @@ class Receiver:
         self.limits = limits
         self._clock = clock
 
-    def receive_batch(self, body: IO[bytes], fresh: bool) -> tuple[list[str], dict[str, str]]:
+    def receive_batch(self, body: BinaryIO, fresh: bool) -> tuple[list[str], dict[str, str]]:
         """Store the batch in ``body``; return (stored ids, rejected id → reason)."""
-        parsed = parse_batch(
-            body, self.limits.max_payload, self.limits.max_messages
-        )
+        parsed = parse_batch(body, self.limits.max_payload, self.limits.max_messages)
         return self._store(parsed.messages, parsed.rejected, fresh)
 
     def receive_one(
@@ -247,14 +252,14 @@ class ReceiverResource(Resource):
             return _json(request, 503, {"error": "server is stopping; retry shortly"})
         content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
         body = request.content
+        if body is None:
+            return _json(request, 400, {"error": "request has no body"})
         body.seek(0)
         started = time.monotonic()
         d: Deferred[tuple[list[str], dict[str, str]]]
         if content_type == CONTENT_TYPE.encode():
             fresh = request.getHeader(FRESH_HEADER.encode()) == b"1"
-            d = deferToThreadPool(
-                self.reactor, self.pool, self.receiver.receive_batch, body, fresh
-            )
+            d = deferToThreadPool(self.reactor, self.pool, self.receiver.receive_batch, body, fresh)
         else:
             try:
                 channel, priority, message_id = _single_message_args(request)
@@ -298,9 +303,8 @@ class ReceiverResource(Resource):
         _finish(request, 200, encode_answer(stored, rejected))
 
     def _failed(self, failure: Failure, request: server.Request, gone: list[bool]) -> None:
-        if failure.check(WireError):
-            err = failure.value
-            status, reason = err.status, str(err)
+        if isinstance(failure.value, WireError):
+            status, reason = failure.value.status, str(failure.value)
         elif failure.check(StorageFull):
             status, reason = 507, str(failure.value)
         elif failure.check(InvalidMessage):

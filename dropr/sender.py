@@ -226,9 +226,7 @@ class DestinationSender:
             )
             await self._disk(self.spool.release, batch)
             return
-        await self._disk(
-            self.spool.fail, batch, f"too large for {self.destination}: {reason}"
-        )
+        await self._disk(self.spool.fail, batch, f"too large for {self.destination}: {reason}")
         self.failed += 1
         self._forget(batch)
 

@@ -5,26 +5,36 @@ messages in them is appended, one line per operation, to a file ``state``
 in the bucket directory (appends do not touch the directory, so cached
 listings stay valid)::
 
-    T <batch id> <lease expiry, ms since epoch> <indexes> <owner>   taken
-    R <batch id> <indexes>                                  released
-    A <batch id> <indexes>                                  acked
-    F <batch id> <indexes>                                  failed
+    T <batch id> <lease expiry, ms since epoch> <indexes> <owner> <crc>   taken
+    R <batch id> <indexes> <owner> <crc>                                  released
+    A <batch id> <indexes> <crc>                                          acked
+    F <batch id> <indexes> <crc>                                          failed
 
 ``<indexes>`` are positions in the batch file, comma separated, with
-ranges written ``a-b``.  A line cut short by a crash has no newline and is
-ignored, as is any line that cannot be parsed: the worst that loses is an
-ack, so a message is handed out again, never lost.  ``<owner>`` is a token
-of the storage object that took the messages; a daemon that owns its spool
-exclusively knows leases of other owners are a dead predecessor's.
+ranges written ``a-b``.  ``<owner>`` is a token of the storage object that
+took the messages: a release only frees its own lease, and a daemon that
+owns its spool alone knows leases of other owners are a dead predecessor's.
+``<crc>`` is the CRC-32 of the rest of the line in 8 hex digits.  A line a
+crash cut short fails its check (``A b 1`` left of ``A b 12`` would
+otherwise ack the wrong message) and is ignored, as is any line that cannot
+be parsed: the worst that loses is an ack, so a message is handed out
+again, never lost.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 STATE_NAME = "state"
+
+
+def line(*fields: object) -> str:
+    """A state log line of ``fields``, with its checksum and newline."""
+    body = " ".join(str(f) for f in fields)
+    return f"{body} {zlib.crc32(body.encode('ascii')):08x}\n"
 
 
 def format_indexes(indexes: Iterable[int]) -> str:
@@ -113,19 +123,23 @@ class StateLog:
         self._offset += last_newline + 1
         self._needs_newline = last_newline + 1 < len(data)
 
-    def _apply(self, line: bytes) -> None:
+    def _apply(self, raw: bytes) -> None:
         try:
-            parts = line.decode("ascii").split(" ")
+            body, _, crc = raw.rpartition(b" ")
+            if int(crc, 16) != zlib.crc32(body):
+                raise ValueError("checksum")
+            parts = body.decode("ascii").split(" ")
             op, batch = parts[0], parts[1]
             owner = ""
             if op == "T":
                 expiry = int(parts[2])
                 indexes = parse_indexes(parts[3])
-                if len(parts) > 4:
-                    owner = parts[4]
+                owner = parts[4]
             else:
                 expiry = 0
                 indexes = parse_indexes(parts[2])
+                if op == "R":
+                    owner = parts[3]
         except (UnicodeDecodeError, IndexError, ValueError):
             self.bad_lines += 1
             return
@@ -138,7 +152,9 @@ class StateLog:
                 state.leases[i] = lease
         elif op == "R":
             for i in indexes:
-                state.leases.pop(i, None)
+                held = state.leases.get(i)
+                if held is not None and held[1] == owner:
+                    del state.leases[i]
         elif op in ("A", "F"):
             for i in indexes:
                 state.leases.pop(i, None)

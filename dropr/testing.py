@@ -125,7 +125,11 @@ class ServerProcess(DaemonProcess):
     """``twistd -n dropr-server`` on 127.0.0.1 and a port of its own."""
 
     def __init__(
-        self, store: str, logfile: str, port: int | None = None, extra: Sequence[str] = (),
+        self,
+        store: str,
+        logfile: str,
+        port: int | None = None,
+        extra: Sequence[str] = (),
         cpu: int | None = None,
     ) -> None:
         self.port = port or free_port()

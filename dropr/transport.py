@@ -56,7 +56,7 @@ class HTTPTransport:
         self, destination: str, messages: Sequence[Message], fresh: bool = False
     ) -> Any:  # Deferred[list[SendResult]]
         """Post ``messages`` to ``destination``; see ``ITransport.send``."""
-        headers = {"Content-Type": [CONTENT_TYPE]}
+        headers: dict[bytes | str, list[bytes | str]] = {"Content-Type": [CONTENT_TYPE]}
         if fresh:
             headers[FRESH_HEADER] = ["1"]
         response = yield self.client.post(
