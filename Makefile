@@ -5,16 +5,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test install lint docs bench clean
+.PHONY: demo test install install-run lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# editable_mode=compat: twistd must see twisted/plugins in the source tree.
+install-run: $(BIN)/python
+	$(BIN)/pip install -q --config-settings editable_mode=compat -e .
+
 install: $(BIN)/python
 	$(BIN)/pip install -q --config-settings editable_mode=compat -e '.[test,dev]'
 
-demo: install
+demo: install-run
 	$(BIN)/python -m dropr.demo
 
 test: install

@@ -1,0 +1,81 @@
+"""The ``dropr`` command: look at spools and stores, put messages from scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from dropr.errors import DroprError
+from dropr.filestorage import FilesystemStorage
+from dropr.spool import Spool, default_spool_path
+
+
+def _status(args: argparse.Namespace) -> int:
+    path = args.store or args.spool or default_spool_path()
+    kind = "channel" if args.store else "destination"
+    storage = FilesystemStorage(path)
+    try:
+        stats = storage.stats()
+    finally:
+        storage.close()
+    if args.json:
+        print(json.dumps({name: asdict(s) for name, s in stats.items()}, indent=2))
+        return 0
+    if not stats:
+        print(f"{path}: empty")
+        return 0
+    width = max(len(kind), *(len(n) for n in stats))
+    print(f"{kind:<{width}}  {'depth':>9} {'bytes':>12} {'oldest s':>9} {'taken':>7} {'failed':>7}")
+    for name, s in stats.items():
+        print(
+            f"{name:<{width}}  {s.depth:>9} {s.bytes:>12} {s.oldest_age:>9.1f} "
+            f"{s.taken:>7} {s.failed:>7}"
+        )
+    return 0
+
+
+def _put(args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.file in (None, "-") else open(args.file, "rb").read()
+    with Spool(args.spool) as spool:
+        message_id = spool.put(data, args.to, args.channel, args.priority)
+    print(message_id)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line, for ``dropr --help`` and the docs."""
+    top = argparse.ArgumentParser(prog="dropr", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    status = sub.add_parser("status", help="queues of a spool or channels of a store")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--spool", help="spool directory (default $DROPR_SPOOL)")
+    where.add_argument("--store", help="store directory of a dropr-server")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(run=_status)
+
+    put = sub.add_parser("put", help="put one message (from FILE or stdin) in a spool")
+    put.add_argument("file", nargs="?", help="payload file; - or nothing for stdin")
+    put.add_argument("--to", required=True, help="destination: the server's base URL")
+    put.add_argument("--channel", default="common", help="channel (default common)")
+    put.add_argument("--priority", type=int, default=5, help="0 (first) to 9 (default 5)")
+    put.add_argument("--spool", help="spool directory (default $DROPR_SPOOL)")
+    put.set_defaults(run=_put)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dropr`` console script."""
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (DroprError, OSError) as e:
+        print(f"dropr {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
