@@ -502,11 +502,7 @@ class FilesystemStorage:
                 complete = False
                 if len(taken) >= limit:
                     break
-                free = [
-                    i
-                    for i in range(bn.count)
-                    if i not in state.done and self._lease_free(state.leases.get(i), now_ms)
-                ]
+                free = state.free(bn.count, now_ms, self.owner if self.sole_taker else None)
                 if not free:
                     continue
                 messages = self._read_batch(q.name, bucket, bn)

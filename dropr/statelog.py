@@ -75,6 +75,37 @@ class BatchState:
     leases: dict[int, tuple[int, str]] = field(default_factory=dict)
     #: The batch size for which every index was found done (done only grows).
     complete_for: int = -1
+    #: (earliest lease expiry, lease owners), or None when leases changed.
+    lease_summary: tuple[int, frozenset[str]] | None = None
+
+    def free(self, count: int, now_ms: int, dead_unless: str | None) -> list[int]:
+        """Indexes below ``count`` neither done nor under a live lease.
+
+        ``dead_unless``: for the sole taker of a spool, the only owner whose
+        leases are alive.  A batch whose every open message is leased is
+        answered from a cached summary, not index by index: the in-flight
+        batches of a busy queue are looked at on every take.
+        """
+        done, leases = self.done, self.leases
+        if leases and len(done) + len(leases) >= count:
+            if self.lease_summary is None:
+                self.lease_summary = (
+                    min(e for e, _o in leases.values()),
+                    frozenset(o for _e, o in leases.values()),
+                )
+            earliest, owners = self.lease_summary
+            if earliest > now_ms and (dead_unless is None or owners == {dead_unless}):
+                return []
+        result = []
+        for i in range(count):
+            if i in done:
+                continue
+            held = leases.get(i)
+            if held is None or held[0] <= now_ms or (
+                dead_unless is not None and held[1] != dead_unless
+            ):
+                result.append(i)
+        return result
 
     def complete(self, count: int) -> bool:
         """True when every message of a batch of ``count`` is acked or failed."""
@@ -146,6 +177,7 @@ class StateLog:
         state = self.batches.get(batch)
         if state is None:
             state = self.batches[batch] = BatchState()
+        state.lease_summary = None
         if op == "T":
             lease = (expiry, owner)
             for i in indexes:
