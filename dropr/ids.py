@@ -69,3 +69,12 @@ def id_time(message_id: str) -> float:
 def id_millis(message_id: str) -> int:
     """The creation time of an id, in milliseconds since the epoch."""
     return int(message_id[:12], 16)
+
+
+def id_at(timestamp: float) -> str:
+    """An id dated ``timestamp`` (seconds), outside the monotonic sequence.
+
+    For tests and tools that need an id from the past; ``new_id`` never goes
+    back in time.
+    """
+    return f"{int(timestamp * 1000):012x}0000{os.urandom(8).hex()}"

@@ -1,0 +1,30 @@
+"""A dropr-server running inside the test's own reactor, on a real socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.python.threadpool import ThreadPool
+
+from dropr.filestorage import FilesystemStorage
+from dropr.receiver import Limits, make_site
+
+
+class Server:
+    def __init__(self, tmp_path: Path, limits: Limits, **storage: Any) -> None:
+        self.storage = FilesystemStorage(str(tmp_path / "store"), dedup=True, **storage)
+        self.pool = ThreadPool(1, 2, "test-disk")
+        self.pool.start()
+        site, _resource = make_site(self.storage, limits, reactor, self.pool)
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}/"
+
+    def depth(self) -> int:
+        return sum(s.depth for s in self.storage.stats().values())
+
+    def stop(self) -> Any:
+        d = self.port.stopListening()
+        d.addBoth(lambda _: (self.pool.stop(), self.storage.close()))
+        return d
