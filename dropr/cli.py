@@ -38,7 +38,11 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _put(args: argparse.Namespace) -> int:
-    data = sys.stdin.buffer.read() if args.file in (None, "-") else open(args.file, "rb").read()
+    if args.file in (None, "-"):
+        data = sys.stdin.buffer.read()
+    else:
+        with open(args.file, "rb") as f:
+            data = f.read()
     with Spool(args.spool) as spool:
         message_id = spool.put(data, args.to, args.channel, args.priority)
     print(message_id)

@@ -101,8 +101,10 @@ class BatchState:
             if i in done:
                 continue
             held = leases.get(i)
-            if held is None or held[0] <= now_ms or (
-                dead_unless is not None and held[1] != dead_unless
+            if (
+                held is None
+                or held[0] <= now_ms
+                or (dead_unless is not None and held[1] != dead_unless)
             ):
                 result.append(i)
         return result

@@ -14,7 +14,7 @@ from twisted.internet import defer, reactor, task
 from twisted.python.threadpool import ThreadPool
 
 import dropr
-from dropr.ids import id_at, new_id
+from dropr.ids import id_at
 from dropr.interfaces import ITransport
 from dropr.message import Message
 from dropr.receiver import Limits
