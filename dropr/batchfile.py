@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dropr.message import Message
@@ -89,40 +89,71 @@ class Decoded:
     error: str = ""
 
 
-def decode(data: bytes) -> Decoded:
-    """Read the messages of a batch file's bytes, stopping at the first damage."""
+def decode(data: bytes, receipt: Callable[[int], object] | None = None) -> Decoded:
+    """Read the messages of a batch file's bytes, stopping at the first damage.
+
+    ``receipt``, when given, makes the ``receipt`` of the message at each
+    index, so a storage builds each message object once.
+    """
     if not data.startswith(MAGIC):
         return Decoded([], "not a dropr batch file (bad magic)")
     messages: list[Message] = []
+    append = messages.append
     pos = len(MAGIC)
     end = len(data)
+    view = memoryview(data)
     unpack_frame = _FRAME.unpack_from
     unpack_head = _HEAD.unpack_from
     crc32 = zlib.crc32
+    names: dict[bytes, str | None] = {b"": None}
+    head_size = _HEAD.size
+    index = 0
     while pos < end:
         if pos + 4 > end:
             return Decoded(messages, f"truncated record length at byte {pos}")
         (length,) = unpack_frame(data, pos)
-        if length < _HEAD.size or length > MAX_BODY:
+        if length < head_size or length > MAX_BODY:
             return Decoded(messages, f"impossible record length {length} at byte {pos}")
         body_start = pos + 4
         body_end = body_start + length
         if body_end + 4 > end:
             return Decoded(messages, f"truncated record at byte {pos}")
-        body = data[body_start:body_end]
         (crc,) = unpack_frame(data, body_end)
-        if crc32(body) != crc:
+        if crc32(view[body_start:body_end]) != crc:
             return Decoded(messages, f"checksum mismatch in record at byte {pos}")
-        raw_id, priority, clen, dlen = unpack_head(body, 0)
-        p = _HEAD.size
-        try:
-            channel = body[p : p + clen].decode("ascii")
-            destination = body[p + clen : p + clen + dlen].decode("ascii") or None
-        except UnicodeDecodeError:
-            return Decoded(messages, f"non-ASCII name in record at byte {pos}")
-        if p + clen + dlen > length:
+        raw_id, priority, clen, dlen = unpack_head(data, body_start)
+        p = body_start + head_size
+        if p + clen + dlen > body_end:
             return Decoded(messages, f"field lengths exceed record at byte {pos}")
-        payload = body[p + clen + dlen :]
-        messages.append(Message(raw_id.hex(), payload, channel, priority, destination))
+        raw_channel = data[p : p + clen]
+        raw_destination = data[p + clen : p + clen + dlen]
+        try:
+            channel = names[raw_channel]
+        except KeyError:
+            channel = names[raw_channel] = _ascii(raw_channel)
+        try:
+            destination = names[raw_destination]
+        except KeyError:
+            destination = names[raw_destination] = _ascii(raw_destination)
+        if channel is None or (dlen and destination is None):
+            return Decoded(messages, f"non-ASCII name in record at byte {pos}")
+        append(
+            Message(
+                raw_id.hex(),
+                data[p + clen + dlen : body_end],
+                channel,
+                priority,
+                destination,
+                receipt(index) if receipt is not None else None,
+            )
+        )
+        index += 1
         pos = body_end + 4
     return Decoded(messages)
+
+
+def _ascii(raw: bytes) -> str | None:
+    try:
+        return raw.decode("ascii") or None
+    except UnicodeDecodeError:
+        return None

@@ -28,7 +28,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import NamedTuple
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -41,7 +42,7 @@ from dropr.durable import ensure_dir, fsync_dir, pid_alive, rename_into, write_n
 from dropr.errors import InvalidMessage, StorageFull, StorageLocked, UnknownMessage
 from dropr.ids import id_time, new_id
 from dropr.interfaces import IStorage, QueueStats
-from dropr.message import DEFAULT_MAX_PAYLOAD, Message
+from dropr.message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
 from dropr.statelog import StateLog, format_indexes, line
 
 _SAFE_QUEUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -91,15 +92,19 @@ def validate_queue(name: object) -> str:
     return name
 
 
-@dataclass(frozen=True, slots=True)
-class _Receipt:
-    """Where a taken message lives; attached to it as ``Message.receipt``."""
+class _Receipt(NamedTuple):
+    """Where a taken message lives; attached to it as ``Message.receipt``.
+
+    It never changes for a message of a storage object, so the message
+    objects a batch file is read into carry it from the start and a take
+    hands out the cached objects themselves.
+    """
 
     storage: int
     queue: str
     bucket: str
     batch_id: str
-    index: int
+    position: int
 
 
 class _Queue:
@@ -277,7 +282,7 @@ class FilesystemStorage:
                             bn = BatchName.parse(name)
                             if bn is None or int(bn.batch_id[:12], 16) < ms:
                                 continue
-                            messages = self._read_batch(qdir, bucket, bn)
+                            messages = self._read_batch(decode_queue(qdir) or qdir, bucket, bn)
                             if messages is not None:
                                 yield bn.batch_id, [m.id for m in messages]
 
@@ -303,19 +308,28 @@ class FilesystemStorage:
 
     # -- adding ------------------------------------------------------------------
 
-    def add(self, queue: str, messages: Sequence[Message], fresh: bool = False) -> list[str]:
-        """Store ``messages`` in ``queue``, durably; see ``IStorage.add``."""
+    def add(
+        self,
+        queue: str,
+        messages: Sequence[Message],
+        fresh: bool = False,
+        records: dict[str, bytes] | None = None,
+    ) -> list[str]:
+        """Store ``messages`` in ``queue``, durably; see ``IStorage.add``.
+
+        ``records`` may give, by id, a message's record already encoded as a
+        batch file holds it (a server receives them so); it is written as is.
+        """
         validate_queue(queue)
-        for m in messages:
-            m.validate(self.max_payload)
+        validate_messages(messages, self.max_payload)
         with self._mutex:
             self._check_open()
             if self.dedup is not None:
-                # (storage conformance) An id older than the window may have
-                # been stored and forgotten: refuse it, or it could be stored
-                # twice (promise A2), as DedupIndex.too_old says.
+                # An id older than the window may have been stored and
+                # forgotten: refuse it, or it could be stored twice (A2).
+                oldest = self.dedup.oldest_id_prefix()
                 for m in messages:
-                    if self.dedup.too_old(m.id):
+                    if m.id < oldest:
                         raise InvalidMessage(
                             f"message {m.id} is older than the dedup window of "
                             f"{self.dedup.window:g} seconds, so it may have been stored "
@@ -336,7 +350,11 @@ class FilesystemStorage:
             for priority in sorted(by_priority):
                 group = by_priority[priority]
                 name = BatchName(new_id(), len(group), sum(len(m.payload) for m in group))
-                tmp = write_new_file(self.tmp_dir, name.batch_id, batchfile.encode(group))
+                if records is not None and all(m.id in records for m in group):
+                    chunks = [batchfile.MAGIC, *(records[m.id] for m in group)]
+                else:
+                    chunks = batchfile.encode(group)
+                tmp = write_new_file(self.tmp_dir, name.batch_id, chunks)
                 written.append((tmp, self._bucket_dir(qpath, priority, name.batch_id), name))
             placed: list[str] = []
             try:
@@ -486,7 +504,6 @@ class FilesystemStorage:
         now_ms = int(self._clock() * 1000)
         expiry = now_ms + int(lease_s * 1000)
         taken: list[Message] = []
-        sid = id(self)
         for bucket in list(self._buckets(q.path)):
             log = q.log(bucket)
             log.refresh()
@@ -509,18 +526,7 @@ class FilesystemStorage:
                 if messages is None:
                     continue  # quarantined; a salvaged copy shows up in the listing
                 chosen = [i for i in free if i < len(messages)][: limit - len(taken)]
-                for i in chosen:
-                    m = messages[i]
-                    taken.append(
-                        Message(
-                            m.id,
-                            m.payload,
-                            m.channel,
-                            m.priority,
-                            m.destination,
-                            _Receipt(sid, q.name, bucket, bn.batch_id, i),
-                        )
-                    )
+                taken.extend([messages[i] for i in chosen])
                 if chosen:
                     lines.append(line("T", bn.batch_id, expiry, format_indexes(chosen), self.owner))
             if lines:
@@ -541,7 +547,7 @@ class FilesystemStorage:
             return True
         return self.sole_taker and lease[1] != self.owner
 
-    def _read_batch(self, qdir_or_name: str, bucket: str, bn: BatchName) -> list[Message] | None:
+    def _read_batch(self, queue: str, bucket: str, bn: BatchName) -> list[Message] | None:
         """The messages of a batch file, from cache or disk; None if unreadable."""
         path = os.path.join(bucket, str(bn))
         cached = self._cache.get(path)
@@ -553,7 +559,8 @@ class FilesystemStorage:
                 data = f.read()
         except FileNotFoundError:
             return None
-        decoded = batchfile.decode(data)
+        sid, batch_id = id(self), bn.batch_id
+        decoded = batchfile.decode(data, lambda i: _Receipt(sid, queue, bucket, batch_id, i))
         if decoded.error or len(decoded.messages) != bn.count:
             reason = decoded.error or (
                 f"holds {len(decoded.messages)} messages, its name says {bn.count}"
@@ -726,7 +733,7 @@ class FilesystemStorage:
                 r = self._receipt(m)
                 grouped.setdefault(r.queue, {}).setdefault(r.bucket, {}).setdefault(
                     r.batch_id, []
-                ).append(r.index)
+                ).append(r.position)
             for queue, buckets in grouped.items():
                 q = self._queue(queue)
                 q.lock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dropr.errors import InvalidMessage, PayloadTooLarge
@@ -85,6 +86,32 @@ def coerce_payload(payload: object, max_size: int = DEFAULT_MAX_PAYLOAD) -> byte
             f"{max_size} bytes: split it, or raise the spool's max_payload"
         )
     return data
+
+
+def validate_messages(messages: Sequence[Message], max_payload: int) -> None:
+    """``Message.validate`` for many messages, each distinct name checked once."""
+    names: set[str] = set()
+    for m in messages:
+        if (
+            m.priority.__class__ is not int
+            or not MIN_PRIORITY <= m.priority <= MAX_PRIORITY
+            or m.payload.__class__ is not bytes
+            or len(m.payload) > max_payload
+            or not is_valid_id(m.id)
+            or (m.channel not in names and not _CHANNEL_RE.match(m.channel))
+            or (
+                m.destination is not None
+                and m.destination not in names
+                and not _DESTINATION_RE.match(m.destination)
+            )
+        ):
+            m.validate(max_payload)  # raises with the precise reason
+            raise InvalidMessage(f"invalid message {m!r}")
+        names.add(m.channel)
+        if m.destination is not None:
+            if len(m.destination) > DESTINATION_MAX_LENGTH:
+                validate_destination(m.destination)
+            names.add(m.destination)
 
 
 @dataclass(frozen=True, slots=True)

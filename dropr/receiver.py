@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 
 from dropr.errors import InvalidMessage, StorageFull
 from dropr.filestorage import FilesystemStorage
-from dropr.ids import id_millis, is_valid_id, new_id
+from dropr.ids import is_valid_id, new_id
 from dropr.message import (
     DEFAULT_CHANNEL,
     DEFAULT_PRIORITY,
@@ -169,7 +169,7 @@ class Receiver:
     def receive_batch(self, body: BinaryIO, fresh: bool) -> tuple[list[str], dict[str, str]]:
         """Store the batch in ``body``; return (stored ids, rejected id → reason)."""
         parsed = parse_batch(body, self.limits.max_payload, self.limits.max_messages)
-        return self._store(parsed.messages, parsed.rejected, fresh)
+        return self._store(parsed.messages, parsed.rejected, fresh, parsed.records)
 
     def receive_one(
         self, payload: bytes, channel: str, priority: int, message_id: str | None
@@ -186,21 +186,27 @@ class Receiver:
         return self._store([message], {}, fresh)
 
     def _store(
-        self, messages: list[Message], rejected: dict[str, str], fresh: bool
+        self,
+        messages: list[Message],
+        rejected: dict[str, str],
+        fresh: bool,
+        records: dict[str, bytes] | None = None,
     ) -> tuple[list[str], dict[str, str]]:
         now = self._clock()
-        oldest_ms = (now - self.storage_window()) * 1000
-        newest_ms = (now + MAX_CLOCK_SKEW) * 1000
+        # Ids are fixed-width hex led by their time: compare them as strings.
+        # A second of margin keeps an id at the window's edge from passing
+        # here and then failing the store's own check.
+        oldest = f"{max(0, int((now - self.storage_window() + 1) * 1000)):012x}"
+        newest = f"{int((now + MAX_CLOCK_SKEW) * 1000):012x}"
         accepted: dict[str, list[Message]] = {}
         for m in messages:
-            ms = id_millis(m.id)
-            if ms < oldest_ms:
+            if m.id < oldest:
                 rejected[m.id] = (
                     "message is older than this server's dedup window "
                     f"({self.storage_window():.0f} s): it may have been stored and "
                     "forgotten already, so it is not stored again"
                 )
-            elif ms > newest_ms:
+            elif m.id[:12] > newest:
                 rejected[m.id] = (
                     "message id is dated more than an hour ahead of this server's "
                     "clock: check the sender's clock"
@@ -209,14 +215,15 @@ class Receiver:
                 accepted.setdefault(m.channel, []).append(m)
         stored: list[str] = []
         for channel, group in accepted.items():
-            self.storage.add(channel, group, fresh=fresh)
+            self.storage.add(channel, group, fresh=fresh, records=records)
             # Ids add() skipped were stored before: "stored" is the answer too.
             stored.extend(m.id for m in group)
         return stored, rejected
 
     def storage_window(self) -> float:
         dedup = self.storage.dedup
-        return dedup.window if dedup is not None else float("inf")
+        # Without a dedup index nothing is too old; 100 years stands for that.
+        return dedup.window if dedup is not None else 100 * 365 * 86400.0
 
 
 class ReceiverResource(Resource):

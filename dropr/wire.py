@@ -29,6 +29,8 @@ later.  See docs/wire-format.rst.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import re
 import struct
 import zlib
@@ -77,34 +79,55 @@ class ParsedBatch:
 
     messages: list[Message] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    #: id → the message's record exactly as a store batch file holds it,
+    #: so the store can write it without encoding it again.
+    records: dict[str, bytes] = field(default_factory=dict)
 
 
 def parse_batch(body: BinaryIO, max_payload: int, max_messages: int) -> ParsedBatch:
     """Read a batch request body from ``body``, checking every record.
 
-    Reads one record at a time and never more than a record's announced
-    length, which is checked against ``max_payload`` first.  Raises
+    The body is a file (the server spools requests to disk); it is mapped,
+    not read into memory.  Each record's announced length is checked against
+    ``max_payload`` before the record is looked at.  Raises
     :class:`WireError` for a body that cannot be trusted as a whole (bad
     framing or checksum, too many messages); a record that is well framed
     but carries a bad field is refused alone, in ``rejected``.
     """
-    if body.read(len(MAGIC)) != MAGIC:
+    try:
+        body.flush()  # what twisted.web wrote may still sit in a buffer
+        fileno = body.fileno()
+        size = os.fstat(fileno).st_size
+    except (AttributeError, OSError, ValueError):
+        return _parse(body.read(), max_payload, max_messages)
+    if size == 0:
+        return _parse(b"", max_payload, max_messages)
+    with mmap.mmap(fileno, 0, access=mmap.ACCESS_READ) as data:
+        return _parse(data, max_payload, max_messages)
+
+
+def _parse(data: bytes | mmap.mmap, max_payload: int, max_messages: int) -> ParsedBatch:
+    if data[: len(MAGIC)] != MAGIC:
         raise WireError(
             f"body is not a dropr batch (it must start with {MAGIC!r}); to post "
             "one raw message, use another Content-Type"
         )
     result = ParsedBatch()
+    messages, rejected, records = result.messages, result.rejected, result.records
     max_body = _HEAD.size + 64 + 0xFFFF + max_payload
-    valid_channels: set[bytes] = set()
+    channels: dict[bytes, str] = {}
+    unpack_frame = _FRAME.unpack_from
+    unpack_head = _HEAD.unpack_from
+    crc32 = zlib.crc32
+    head_size = _HEAD.size
+    end = len(data)
+    pos = len(MAGIC)
     count = 0
-    while True:
-        frame = body.read(4)
-        if not frame:
-            break
-        if len(frame) < 4:
+    while pos < end:
+        if pos + 4 > end:
             raise WireError(f"record {count}: body ends inside a record length")
-        (length,) = _FRAME.unpack(frame)
-        if length < _HEAD.size:
+        (length,) = unpack_frame(data, pos)
+        if length < head_size:
             raise WireError(f"record {count}: impossible length {length}")
         if length > max_body:
             raise WireError(
@@ -118,40 +141,45 @@ def parse_batch(body: BinaryIO, max_payload: int, max_messages: int) -> ParsedBa
                 f"more than {max_messages} messages in one request; send smaller batches",
                 413,
             )
-        record = body.read(length + 4)
-        if len(record) < length + 4:
+        start = pos + 4
+        stop = start + length
+        if stop + 4 > end:
             raise WireError(f"record {count - 1}: body ends inside the record")
-        (crc,) = _FRAME.unpack_from(record, length)
-        data = record[:length]
-        if zlib.crc32(data) != crc:
+        record = data[pos : stop + 4]
+        (crc,) = unpack_frame(record, 4 + length)
+        if crc32(memoryview(record)[4 : 4 + length]) != crc:
             raise WireError(f"record {count - 1}: checksum mismatch (corrupted in transit?)")
-        raw_id, priority, clen, dlen = _HEAD.unpack_from(data)
+        raw_id, priority, clen, dlen = unpack_head(record, 4)
         message_id = raw_id.hex()
-        start = _HEAD.size
-        channel = data[start : start + clen]
-        payload_start = start + clen + dlen
-        if payload_start > length:
-            result.rejected[message_id] = "field lengths exceed the record"
+        pos = stop + 4
+        p = 4 + head_size
+        payload_start = p + clen + dlen
+        if payload_start > 4 + length:
+            rejected[message_id] = "field lengths exceed the record"
             continue
-        if channel not in valid_channels:
-            if not _CHANNEL_RE.match(channel):
-                result.rejected[message_id] = (
-                    f"invalid channel name {channel!r}: use 1 to 64 characters "
+        raw_channel = record[p : p + clen]
+        channel = channels.get(raw_channel)
+        if channel is None:
+            if not _CHANNEL_RE.match(raw_channel):
+                rejected[message_id] = (
+                    f"invalid channel name {raw_channel!r}: use 1 to 64 characters "
                     "from A-Z a-z 0-9 . _ - starting with a letter or digit"
                 )
                 continue
-            valid_channels.add(channel)
+            channel = channels[raw_channel] = raw_channel.decode("ascii")
         if priority > MAX_PRIORITY:
-            result.rejected[message_id] = f"invalid priority {priority}: use 0 to 9"
+            rejected[message_id] = f"invalid priority {priority}: use 0 to 9"
             continue
-        payload = data[payload_start:]
+        payload = record[payload_start : 4 + length]
         if len(payload) > max_payload:
-            result.rejected[message_id] = (
+            rejected[message_id] = (
                 f"payload of {len(payload)} bytes exceeds this server's maximum "
                 f"of {max_payload} bytes"
             )
             continue
-        result.messages.append(Message(message_id, payload, channel.decode("ascii"), priority))
+        messages.append(Message(message_id, payload, channel, priority))
+        if not dlen:
+            records[message_id] = record
     return result
 
 
