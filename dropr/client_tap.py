@@ -10,6 +10,7 @@ from twisted.application import service
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -82,6 +83,12 @@ class ClientService(service.Service):
             self.wake_all(force=False)
         except Exception:
             self.log.failure("rescan of {spool} failed", spool=self.spool.path)
+        # Keep the spool's usage figures fresh for producers (their limit
+        # checks read them instead of walking the spool themselves).
+        d = deferToThreadPool(self.reactor, self.pool, self.spool.storage.count_usage)
+        d.addErrback(
+            lambda f: self.log.failure("counting {spool} failed", f, spool=self.spool.path)
+        )
 
     def wake_all(self, force: bool = False) -> None:
         """Find destinations in the spool and wake their senders."""

@@ -18,6 +18,7 @@ so directories stay small and a sorted walk is delivery order.
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -43,7 +44,7 @@ from dropr.errors import InvalidMessage, StorageFull, StorageLocked, UnknownMess
 from dropr.ids import id_time, new_id
 from dropr.interfaces import IStorage, QueueStats
 from dropr.message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
-from dropr.statelog import StateLog, format_indexes, line
+from dropr.statelog import STATE_NAME, StateLog, format_indexes, line
 
 _SAFE_QUEUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _TMP_RE = re.compile(r".*\.(\d+)\.[0-9a-f]{12}\.tmp\Z")
@@ -52,8 +53,20 @@ _TMP_MAX_AGE = 3600.0
 #: Buckets whose time ended less than this ago may still receive batches.
 _BUCKET_SETTLE = 10.0
 _BUCKET_MS = 1 << 12
+#: Memory the cache of read batch files may use, roughly.
 _CACHE_BYTES = 64 * 1024 * 1024
+#: What a cached message costs beyond its payload (objects, receipt, id).
+_MESSAGE_OVERHEAD = 400
+
+
+def _cache_cost(messages: list[Message]) -> int:
+    return sum(len(m.payload) for m in messages) + _MESSAGE_OVERHEAD * len(messages)
+
+
 WAKE_NAME = "wake"
+USAGE_NAME = "usage"
+#: Seconds another process's count in the ``usage`` file is trusted.
+USAGE_FILE_FRESH = 6.0
 
 
 def encode_queue(name: str) -> str:
@@ -84,10 +97,19 @@ def decode_queue(dirname: str) -> str | None:
 
 def validate_queue(name: object) -> str:
     """Return ``name`` if it can name a queue, else raise InvalidMessage."""
-    if not isinstance(name, str) or not name or len(name) > 180 or "\0" in name:
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > 180
+        or "\0" in name
+        # (test_properties) It must also encode to one legal file name: lone
+        # surrogates do not encode, and 180 non-ASCII characters pass the
+        # 255 bytes a name may have.
+        or not name.isascii()
+    ):
         raise InvalidMessage(
             f"invalid queue name {name!r}: a channel name or a destination URL "
-            "of at most 180 characters"
+            "of at most 180 ASCII characters"
         )
     return name
 
@@ -107,6 +129,33 @@ class _Receipt(NamedTuple):
     position: int
 
 
+class _BucketScan:
+    """A bucket's listing, parsed once, and how far it is known finished."""
+
+    __slots__ = ("cursor", "names", "parsed")
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.parsed = [BatchName.parse(n) for n in names]
+        self.cursor = 0
+
+    def relisted(self, names: list[str]) -> _BucketScan:
+        """The scan of a new listing, keeping the cursor if nothing moved before it."""
+        new = _BucketScan(names)
+        if self.cursor and self.cursor <= len(self.names):
+            # Entries before the cursor may only have vanished (a salvaged
+            # or removed batch) or arrived late (a slow producer): in either
+            # case start over, else keep the place.
+            position = bisect.bisect_left(names, self.names[self.cursor - 1])
+            if (
+                position == self.cursor - 1
+                and position < len(names)
+                and names[position] == self.names[self.cursor - 1]
+            ):
+                new.cursor = self.cursor
+        return new
+
+
 class _Queue:
     """One queue's directory, its lock and what this process knows of it."""
 
@@ -115,6 +164,16 @@ class _Queue:
         self.path = path
         self._lock_fd = -1
         self.logs: dict[str, StateLog] = {}
+        self.scans: dict[str, _BucketScan] = {}
+
+    def scan(self, bucket: str, names: list[str]) -> _BucketScan:
+        """The parsed listing of ``bucket`` (``names`` is the current one)."""
+        scan = self.scans.get(bucket)
+        if scan is None:
+            scan = self.scans[bucket] = _BucketScan(names)
+        elif scan.names is not names:
+            scan = self.scans[bucket] = scan.relisted(names)
+        return scan
 
     def lock(self) -> None:
         if self._lock_fd < 0:
@@ -193,7 +252,7 @@ class FilesystemStorage:
         self._cache: OrderedDict[str, list[Message]] = OrderedDict()
         self._cache_bytes = 0
         self._usage: tuple[float, int, int] | None = None
-        self._bucket_usage: dict[str, tuple[int, int, int]] = {}
+        self._bucket_usage: dict[str, tuple[int, int, int, int]] = {}
         self._closed = False
         self._root_lock_fd = -1
         self.sole_taker = sole_taker
@@ -421,40 +480,91 @@ class FilesystemStorage:
     def usage(self) -> tuple[int, int]:
         """``(messages, payload bytes)`` waiting, refreshed every ``usage_refresh`` s.
 
-        Counted from file names and cached per bucket directory, so a refresh
-        costs a stat per bucket plus a listing of the buckets that changed.
+        Processes share the work: whoever counts writes the figures to the
+        root's ``usage`` file, and another process trusts that file while it
+        is younger than ``USAGE_FILE_FRESH`` seconds (the client daemon
+        rewrites it at every rescan), so a short-lived producer does not walk
+        a large spool for its first put.  The limits are therefore kept to
+        within a few seconds' worth of puts, not to the message.
         """
         now = time.monotonic()
         if self._usage is not None and now - self._usage[0] < self.usage_refresh:
             return self._usage[1], self._usage[2]
+        if self._usage is None:
+            # The first look of this process: a recent count by another one
+            # spares a walk of the whole spool; later looks count (cheaply,
+            # bucket by changed bucket) for themselves.
+            shared = self._read_usage_file()
+            if shared is not None:
+                self._usage = (now, shared[0], shared[1])
+                return shared
+        return self.count_usage()
+
+    def count_usage(self) -> tuple[int, int]:
+        """Count what waits now, and share the figures in the ``usage`` file.
+
+        Counted from file names less what the state logs say is finished,
+        cached per bucket by its mtime and its state log's size, so a count
+        costs a stat per bucket plus a look at the buckets that changed.
+        """
         count = nbytes = 0
-        seen: dict[str, tuple[int, int, int]] = {}
+        seen: dict[str, tuple[int, int, int, int]] = {}
         for bucket in self._all_buckets():
             try:
                 mtime = os.stat(bucket).st_mtime_ns
+                state_size = os.stat(os.path.join(bucket, STATE_NAME)).st_size
             except FileNotFoundError:
-                continue
+                state_size = 0
+                if not os.path.isdir(bucket):
+                    continue
             cached = self._bucket_usage.get(bucket)
-            if cached is None or cached[0] != mtime:
-                c = b = 0
+            if cached is None or cached[0] != mtime or cached[1] != state_size:
                 try:
                     names = os.listdir(bucket)
                 except FileNotFoundError:
                     continue
+                log = StateLog(bucket)
+                if state_size:
+                    log.refresh()
+                c = b = 0
                 for name in names:
                     bn = BatchName.parse(name)
                     if bn is not None:
-                        c += bn.count
-                        b += bn.nbytes
+                        done = len(log.state(bn.batch_id).done) if state_size else 0
+                        left = max(0, bn.count - done)
+                        c += left
+                        b += bn.nbytes * left // bn.count if bn.count else 0
                 # A bucket listed within a tick of its last change is listed
                 # again next time (see dirlisting).
-                cached = (mtime if time.time_ns() - mtime > 50_000_000 else -1, c, b)
+                settled = time.time_ns() - mtime > 50_000_000
+                cached = (mtime if settled else -1, state_size, c, b)
             seen[bucket] = cached
-            count += cached[1]
-            nbytes += cached[2]
+            count += cached[2]
+            nbytes += cached[3]
         self._bucket_usage = seen
-        self._usage = (now, count, nbytes)
+        self._usage = (time.monotonic(), count, nbytes)
+        self._write_usage_file(count, nbytes)
         return count, nbytes
+
+    def _read_usage_file(self) -> tuple[int, int] | None:
+        path = os.path.join(self.path, USAGE_NAME)
+        try:
+            if time.time() - os.stat(path).st_mtime > USAGE_FILE_FRESH:
+                return None
+            with open(path, "rb") as f:
+                data = json.loads(f.read())
+            return int(data["messages"]), int(data["bytes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write_usage_file(self, count: int, nbytes: int) -> None:
+        # Advisory figures: no sync, and a failure to write costs nothing.
+        path = os.path.join(self.path, USAGE_NAME)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):
+            with open(tmp, "w", encoding="ascii") as f:
+                json.dump({"messages": count, "bytes": nbytes, "time": time.time()}, f)
+            os.replace(tmp, path)
 
     def _all_buckets(self) -> Iterator[str]:
         for qdir in self._listing.names(self.queues_dir):
@@ -509,13 +619,23 @@ class FilesystemStorage:
             log.refresh()
             lines: list[str] = []
             complete = True
-            for name in self._listing.names(bucket):
-                bn = BatchName.parse(name)
+            scan = q.scan(bucket, self._listing.names(bucket))
+            # Batches before the cursor are known to be finished (acks and
+            # fails are final), so a take does not look at them again.
+            at_cursor = True
+            for k in range(scan.cursor, len(scan.parsed)):
+                bn = scan.parsed[k]
                 if bn is None:
+                    if at_cursor:
+                        scan.cursor = k + 1
                     continue
                 state = log.state(bn.batch_id)
                 if state.complete(bn.count):
+                    if at_cursor:
+                        scan.cursor = k + 1
+                        self._uncache(os.path.join(bucket, scan.names[k]))
                     continue
+                at_cursor = False
                 complete = False
                 if len(taken) >= limit:
                     break
@@ -569,14 +689,23 @@ class FilesystemStorage:
                 pass  # all promised messages read; trailing bytes are harmless
             else:
                 self._quarantine(path, reason, salvage=decoded.messages, name=bn)
-                return None
+                # (test_filestorage) The salvaged prefix now lies in the bucket
+                # under the same batch id and indexes: hand it out in its place
+                # now, not after the batches behind it (promise A3).
+                return decoded.messages or None
         messages = decoded.messages[: bn.count]
         self._cache[path] = messages
-        self._cache_bytes += bn.nbytes
+        self._cache_bytes += _cache_cost(messages)
         while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
             _old_path, old = self._cache.popitem(last=False)
-            self._cache_bytes -= sum(len(m.payload) for m in old)
+            self._cache_bytes -= _cache_cost(old)
         return messages
+
+    def _uncache(self, path: str) -> None:
+        """Forget a cached batch (finished, removed or quarantined)."""
+        old = self._cache.pop(path, None)
+        if old is not None:
+            self._cache_bytes -= _cache_cost(old)
 
     def _quarantine(
         self, path: str, reason: str, salvage: Sequence[Message] = (), name: BatchName | None = None
@@ -604,7 +733,7 @@ class FilesystemStorage:
         os.rename(path, target)
         fsync_dir(self.quarantine_dir)
         fsync_dir(bucket)
-        self._cache.pop(path, None)
+        self._uncache(path)
         self.log.warn(
             "quarantined {original}: {reason}; {salvaged} readable messages kept in the queue",
             original=why["original"],
@@ -639,13 +768,14 @@ class FilesystemStorage:
             if BatchName.parse(name) is not None:
                 path = os.path.join(bucket, name)
                 os.unlink(path)
-                self._cache.pop(path, None)
+                self._uncache(path)
         fsync_dir(bucket)
         for name in names:
             if BatchName.parse(name) is None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(bucket, name))
         q.logs.pop(bucket, None)
+        q.scans.pop(bucket, None)
         self._listing.forget(bucket)
         for d in (bucket, os.path.dirname(bucket)):
             try:
