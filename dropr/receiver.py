@@ -8,6 +8,7 @@ and the disk sync run in a thread pool so the reactor keeps serving.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -82,8 +83,11 @@ class UploadRequest(server.Request):
                 f"limit of {self._body_limit} bytes; send smaller batches",
             )
             return
-        # Closed by twisted.web when the request is done.
-        self.content = tempfile.TemporaryFile(dir=site.tmp_dir)  # noqa: SIM115
+        # Closed by twisted.web when the request is done.  (chaos) Unbuffered,
+        # so that a full disk raises here in handleContentChunk, where it is
+        # answered 507, and not later inside twisted.web, which would drop
+        # the connection with an unhandled error.
+        self.content = tempfile.TemporaryFile(dir=site.tmp_dir, buffering=0)  # noqa: SIM115
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -97,7 +101,15 @@ class UploadRequest(server.Request):
             )
             return
         if self.content is not None:
-            self.content.write(data)
+            try:
+                self.content.write(data)
+            except OSError as e:
+                if not _disk_full(e):
+                    raise
+                self.content.close()
+                reason = f"the store's disk is full ({e.strerror}); retry later"
+                ReceiverResource.log.warn("refused a request: 507 {reason}", reason=reason)
+                self._refuse(507, reason)
 
     def _refuse(self, status: int, reason: str) -> None:
         """Answer at once and hang up, without reading the rest of the body."""
@@ -314,6 +326,11 @@ class ReceiverResource(Resource):
             status, reason = failure.value.status, str(failure.value)
         elif failure.check(StorageFull):
             status, reason = 507, str(failure.value)
+        elif isinstance(failure.value, OSError) and _disk_full(failure.value):
+            # (chaos) A full disk is the store being full too: 507, so the
+            # client backs off and retries, not an internal error (500).
+            status = 507
+            reason = f"the store's disk is full ({failure.value.strerror}); retry later"
         elif failure.check(InvalidMessage):
             status, reason = 400, str(failure.value)
         else:
@@ -324,6 +341,11 @@ class ReceiverResource(Resource):
         if gone:
             return
         _finish(request, status, json.dumps({"error": reason}).encode("utf-8"))
+
+
+def _disk_full(e: OSError) -> bool:
+    """True for the errors of a file system out of space or quota."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _single_message_args(request: server.Request) -> tuple[str, int, str | None]:
