@@ -254,6 +254,8 @@ class FilesystemStorage:
         self._usage: tuple[float, int, int] | None = None
         self._bucket_usage: dict[str, tuple[int, int, int, int]] = {}
         self._closed = False
+        #: (chaos) An add stored a batch but could not index its ids.
+        self._dedup_behind = False
         self._root_lock_fd = -1
         self.sole_taker = sole_taker
         self._pruned_at = time.monotonic()
@@ -352,7 +354,12 @@ class FilesystemStorage:
                 return
             self._closed = True
             if self.dedup is not None:
-                self.dedup.close()
+                # (chaos) A full disk must not keep the locks held: the ids
+                # not checkpointed are indexed again at the next open.
+                try:
+                    self.dedup.close()
+                except OSError as e:
+                    self.log.warn("could not close the dedup index: {error}", error=e)
             for q in self._queues.values():
                 q.close()
             if self._root_lock_fd >= 0:
@@ -384,6 +391,8 @@ class FilesystemStorage:
         with self._mutex:
             self._check_open()
             if self.dedup is not None:
+                if self._dedup_behind:
+                    self._catch_up_dedup()
                 # An id older than the window may have been stored and
                 # forgotten: refuse it, or it could be stored twice (A2).
                 oldest = self.dedup.oldest_id_prefix()
@@ -406,17 +415,17 @@ class FilesystemStorage:
             qpath = os.path.join(self.queues_dir, encode_queue(queue))
             synced: set[str] = set()
             written: list[tuple[str, str, BatchName]] = []
-            for priority in sorted(by_priority):
-                group = by_priority[priority]
-                name = BatchName(new_id(), len(group), sum(len(m.payload) for m in group))
-                if records is not None and all(m.id in records for m in group):
-                    chunks = [batchfile.MAGIC, *(records[m.id] for m in group)]
-                else:
-                    chunks = batchfile.encode(group)
-                tmp = write_new_file(self.tmp_dir, name.batch_id, chunks)
-                written.append((tmp, self._bucket_dir(qpath, priority, name.batch_id), name))
             placed: list[str] = []
             try:
+                for priority in sorted(by_priority):
+                    group = by_priority[priority]
+                    name = BatchName(new_id(), len(group), sum(len(m.payload) for m in group))
+                    if records is not None and all(m.id in records for m in group):
+                        chunks = [batchfile.MAGIC, *(records[m.id] for m in group)]
+                    else:
+                        chunks = batchfile.encode(group)
+                    tmp = write_new_file(self.tmp_dir, name.batch_id, chunks)
+                    written.append((tmp, self._bucket_dir(qpath, priority, name.batch_id), name))
                 for tmp, bucket, name in written:
                     if ensure_dir(bucket):
                         self._listing.forget(os.path.dirname(os.path.dirname(bucket)))
@@ -425,19 +434,66 @@ class FilesystemStorage:
                     synced.add(bucket)
                 for bucket in synced:
                     fsync_dir(bucket)
-            except BaseException:
+            except BaseException as e:
                 # All or nothing: take back what this call placed already.
                 for path in placed + [tmp for tmp, _b, _n in written]:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    # (chaos) A full disk is a full storage: the clear error.
+                    raise self._disk_full(e) from e
                 raise
-            self._touch_wake(qpath)
             if self.dedup is not None:
-                self.dedup.record([m.id for m in messages], written[-1][2].batch_id)
+                try:
+                    self.dedup.record([m.id for m in messages], written[-1][2].batch_id)
+                except OSError:
+                    # (chaos) The batch is stored but its ids are not indexed:
+                    # the resend this error brings would be stored twice.  So
+                    # they are indexed before the next lookup (_catch_up_dedup);
+                    # the checkpoint has not passed them, so also after a crash.
+                    self._dedup_behind = True
+                    raise
+            with contextlib.suppress(OSError):
+                self._touch_wake(qpath)  # (chaos) a hint for consumers; never fail a stored add
             if self._usage is not None:
                 at, c, b = self._usage
                 self._usage = (at, c + count, b + nbytes)
             return [m.id for m in messages]
+
+    def _disk_full(self, e: OSError) -> StorageFull:
+        return StorageFull(
+            f"{self.path} is full: its disk has no room ({e.strerror}); nothing was "
+            "stored. Retry once there is room again"
+        )
+
+    def _catch_up_dedup(self) -> None:
+        """(chaos) Index the ids of batches stored while the index could not be written.
+
+        A new index object re-reads what is on disk (dropping an id a full
+        disk cut short) and indexes every batch since its checkpoint, as at
+        an open after a crash.  Raises StorageFull while that cannot be
+        written either, so nothing is looked up in an index that lacks ids.
+        """
+        assert self.dedup is not None
+        old = self.dedup
+        try:
+            # What the old index wrote must be durable before a new checkpoint
+            # can pass it.
+            for fd in old._fds.values():
+                os.fdatasync(fd)
+        except OSError as e:
+            raise self._disk_full(e) from e
+        for fd in old._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        old._fds.clear()
+        try:
+            self.dedup = DedupIndex(old.path, window=old.window, clock=self._clock)
+            self.dedup.recover(self._batches_since(self.dedup.checkpoint_ms))
+        except OSError as e:
+            raise self._disk_full(e) from e
+        self._dedup_behind = False
+        self.log.info("indexed the ids stored while the disk was full")
 
     @staticmethod
     def _touch_wake(qpath: str) -> None:
