@@ -69,6 +69,14 @@ USAGE_NAME = "usage"
 USAGE_FILE_FRESH = 6.0
 
 
+def _names(path: str) -> list[str]:
+    """The entries of directory ``path``; none if it is gone."""
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def encode_queue(name: str) -> str:
     """The directory name of queue ``name``.
 
@@ -290,8 +298,11 @@ class FilesystemStorage:
                 "a spool or store; stop the other one, or give this one another "
                 "directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # (chaos) Who holds the lock is for error messages only: a full disk
+        # must not keep a daemon from starting.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._root_lock_fd = fd
 
     def recover(self) -> dict[str, int]:
@@ -323,29 +334,48 @@ class FilesystemStorage:
             )
         relogged = 0
         if self.dedup is not None:
-            relogged = self.dedup.recover(self._batches_since(self.dedup.checkpoint_ms))
+            try:
+                relogged = self.dedup.recover(self._batches_since(self.dedup.checkpoint_ms))
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # (chaos) A daemon must start on a full disk: adds raise
+                # StorageFull until the ids can be indexed (_catch_up_dedup).
+                self._dedup_behind = True
+                self.log.warn("cannot index stored ids yet: {error}", error=e)
         return {"tmp_removed": removed, "ids_relogged": relogged}
 
     def _batches_since(self, ms: int) -> Iterator[tuple[str, list[str]]]:
-        """Yield the message ids of every batch added at or after ``ms``."""
+        """Yield the message ids of every batch added at or after ``ms``, oldest first.
+
+        (chaos) Oldest first, not queue by queue: the dedup index checkpoints
+        as it goes, at the newest batch it indexed, so a crash in the middle
+        of a recovery must not leave older batches of another queue behind
+        that checkpoint unindexed (a resend of them would be stored twice).
+        Directories a consumer removes meanwhile are skipped.
+        """
         first_hi = f"{ms:012x}"[:7]
+        found: list[tuple[str, str, str, BatchName]] = []
         for qdir in self._listing.names(self.queues_dir):
             qpath = os.path.join(self.queues_dir, qdir)
             for p in self._priority_dirs(qpath):
                 pdir = os.path.join(qpath, p)
-                for hi in os.listdir(pdir):
+                for hi in _names(pdir):
                     if hi < first_hi:
                         continue
                     hidir = os.path.join(pdir, hi)
-                    for lo in os.listdir(hidir):
+                    for lo in _names(hidir):
                         bucket = os.path.join(hidir, lo)
-                        for name in os.listdir(bucket):
+                        for name in _names(bucket):
                             bn = BatchName.parse(name)
                             if bn is None or int(bn.batch_id[:12], 16) < ms:
                                 continue
-                            messages = self._read_batch(decode_queue(qdir) or qdir, bucket, bn)
-                            if messages is not None:
-                                yield bn.batch_id, [m.id for m in messages]
+                            found.append((bn.batch_id, qdir, bucket, bn))
+        found.sort(key=lambda f: f[0])
+        for _batch_id, qdir, bucket, bn in found:
+            messages = self._read_batch(decode_queue(qdir) or qdir, bucket, bn)
+            if messages is not None:
+                yield bn.batch_id, [m.id for m in messages]
 
     def close(self) -> None:
         """Release locks and files; the storage is unusable afterwards."""
@@ -849,6 +879,12 @@ class FilesystemStorage:
         """
         with self._mutex:
             if self.dedup is None or self._closed:
+                return
+            if self._dedup_behind:
+                # (chaos) Never checkpoint an index that lacks ids; catch up
+                # as soon as the disk has room again.
+                with contextlib.suppress(StorageFull):
+                    self._catch_up_dedup()
                 return
             self.dedup.checkpoint()
             if time.monotonic() - self._pruned_at > 3600:
