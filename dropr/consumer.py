@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
@@ -158,7 +158,8 @@ class ChannelConsumer(service.Service):
         if self._inotify is not None:
             self._inotify.loseConnection()
             self._inotify = None
-        return self._running
+        # Always a Deferred, so callers can wait on it whether a round runs.
+        return self._running if self._running is not None else succeed(None)
 
 
 def consume(

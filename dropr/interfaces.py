@@ -100,7 +100,7 @@ class ITransport(Interface):
     """Carries batches of messages to a destination."""
 
     def send(destination: str, messages: Sequence[Message], fresh: bool = False) -> Any:
-        """Send ``messages`` to ``destination``; a Deferred of ``SendResult``s.
+        """Send ``messages`` to ``destination``; a Deferred of ``SendResult`` objects.
 
         ``fresh`` says that none of the messages was ever sent before.
 

@@ -149,6 +149,9 @@ class ReceiverSite(server.Site):
     requestFactory = UploadRequest
 
     def __init__(self, resource: Resource, limits: Limits, tmp_dir: str, **kw: Any) -> None:
+        # Bodies are messages, never forms: a form body would be parsed into
+        # memory and its fields would override the query's channel and id.
+        kw.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kw)
         self.limits = limits
         self.tmp_dir = tmp_dir

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -163,8 +163,9 @@ class DestinationSender:
             return "again"
         except Exception as e:
             await self._disk(self.spool.release, batch)
-            if not isinstance(e, CancelledError):
-                self._back_off(f"{type(e).__name__}: {e}")
+            if self._stopping:
+                return "backoff"  # cancelled by stop(): no retry to announce
+            self._back_off(f"{type(e).__name__}: {e}")
             return "backoff"
         finally:
             self._send_d = None
@@ -193,7 +194,9 @@ class DestinationSender:
         self.sent += len(batch)
         self.stored += len(stored)
         self.failed += failed
-        self.failures = 0
+        if stored or failed:
+            # Progress: the next trouble starts the backoff from its first step.
+            self.failures = 0
         self.log.info(
             "sent {count} to {destination}: {stored} stored, {failed} failed, "
             "{retry} to retry in {ms:.1f} ms",

@@ -222,3 +222,17 @@ def test_health_and_unknown_paths(server: Server) -> Any:
     response = yield post(server.url + "elsewhere", encode_batch(msgs(1)))
     assert response.code == 404
     yield response.content()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_form_body_is_a_payload_not_a_form(server: Server) -> Any:
+    """curl's default content type must not let the body rewrite the query."""
+    body = b"channel=evil&priority=0&id=" + b"1" * 32
+    response = yield post(
+        server.url + "?channel=orders&priority=3", body, "application/x-www-form-urlencoded"
+    )
+    answer = json.loads((yield response.content()))
+    assert len(answer["stored"]) == 1
+    [m] = server.storage.take("orders", 10)
+    assert (m.payload, m.priority, m.id) == (body, 3, answer["stored"][0])
+    assert server.storage.queues() == ["orders"]
