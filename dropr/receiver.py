@@ -325,8 +325,10 @@ class ReceiverResource(Resource):
         _finish(request, 200, encode_answer(stored, rejected))
 
     def _failed(self, failure: Failure, request: server.Request, gone: list[bool]) -> None:
+        retry = False
         if isinstance(failure.value, WireError):
             status, reason = failure.value.status, str(failure.value)
+            retry = failure.value.retry
         elif failure.check(StorageFull):
             status, reason = 507, str(failure.value)
         elif isinstance(failure.value, OSError) and _disk_full(failure.value):
@@ -343,7 +345,10 @@ class ReceiverResource(Resource):
             self.log.warn("refused a request: {status} {reason}", status=status, reason=reason)
         if gone:
             return
-        _finish(request, status, json.dumps({"error": reason}).encode("utf-8"))
+        answer: dict[str, Any] = {"error": reason}
+        if retry:
+            answer["retry"] = True
+        _finish(request, status, json.dumps(answer).encode("utf-8"))
 
 
 def _disk_full(e: OSError) -> bool:

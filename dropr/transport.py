@@ -70,10 +70,11 @@ class HTTPTransport:
             except WireError as e:
                 raise DestinationUnavailable(str(e)) from e
             return results
-        reason = _error_text(body) or f"HTTP {code}"
+        reason, retry = _error(body)
+        reason = reason or f"HTTP {code}"
         if code == 413:
             raise BatchTooLarge(reason)
-        if 400 <= code < 500 and code not in (404, 408, 429):
+        if 400 <= code < 500 and code not in (404, 408, 429) and not retry:
             # The server read the request and refuses it as such: retrying the
             # same bytes cannot help, so each message fails with its reason.
             text = f"refused by {destination}: HTTP {code}: {reason}"
@@ -85,9 +86,10 @@ class HTTPTransport:
         return self.pool.closeCachedConnections()  # type: ignore[no-any-return]
 
 
-def _error_text(body: bytes) -> str:
+def _error(body: bytes) -> tuple[str, bool]:
+    """The reason of an error answer, and whether the server says to retry."""
     try:
         data = json.loads(body)
-        return str(data.get("error", ""))[:500]
+        return str(data.get("error", ""))[:500], data.get("retry") is True
     except (ValueError, AttributeError):
-        return body[:200].decode("utf-8", "replace")
+        return body[:200].decode("utf-8", "replace"), False

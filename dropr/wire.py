@@ -21,7 +21,9 @@ Every id in the request is in exactly one of the two.  "stored" means
 durable in the server's store (now or before: a resent id is answered
 "stored" again).  A rejection is final; sending the same message again
 gets the same answer.  A request that cannot be read at all is answered
-4xx with ``{"error": "<reason>"}``; a server that cannot store for now
+4xx with ``{"error": "<reason>"}`` (plus ``"retry": true`` when the bytes
+may have been damaged on the way, e.g. a checksum mismatch, so that sending
+again may work); a server that cannot store for now
 (store full: 507, shutting down: 503) answers 5xx, and the client retries
 later.  See docs/wire-format.rst.
 """
@@ -52,9 +54,11 @@ _CHANNEL_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 class WireError(ValueError):
     """A request body that cannot be read; the whole request is refused."""
 
-    def __init__(self, reason: str, status: int = 400) -> None:
+    def __init__(self, reason: str, status: int = 400, retry: bool = False) -> None:
         super().__init__(reason)
         self.status = status
+        #: The bytes may have been damaged on the way: sending again may work.
+        self.retry = retry
 
 
 def encode_batch(messages: Sequence[Message]) -> bytes:
@@ -148,7 +152,9 @@ def _parse(data: bytes | mmap.mmap, max_payload: int, max_messages: int) -> Pars
         record = data[pos : stop + 4]
         (crc,) = unpack_frame(record, 4 + length)
         if crc32(memoryview(record)[4 : 4 + length]) != crc:
-            raise WireError(f"record {count - 1}: checksum mismatch (corrupted in transit?)")
+            raise WireError(
+                f"record {count - 1}: checksum mismatch (corrupted in transit?)", retry=True
+            )
         raw_id, priority, clen, dlen = unpack_head(record, 4)
         message_id = raw_id.hex()
         pos = stop + 4
