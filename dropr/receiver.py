@@ -38,6 +38,8 @@ from dropr.message import (
 )
 from dropr.wire import CONTENT_TYPE, FRESH_HEADER, WireError, encode_answer, parse_batch
 
+#: Seconds a refused request's connection keeps draining before it closes.
+_LINGER = 2.0
 #: A sender's clock may run this far ahead of the server's (seconds).
 MAX_CLOCK_SKEW = 3600.0
 
@@ -112,7 +114,13 @@ class UploadRequest(server.Request):
                 self._refuse(507, reason)
 
     def _refuse(self, status: int, reason: str) -> None:
-        """Answer at once and hang up, without reading the rest of the body."""
+        """Answer at once, without storing or keeping the rest of the body.
+
+        The answer is followed by a half-close, and what the client still
+        sends is read and dropped for a moment before the connection is
+        closed: closing with unread data would send a TCP reset, which can
+        destroy the answer before the client reads it (a "lingering close").
+        """
         self._refused = True
         body = json.dumps({"error": reason}).encode("utf-8")
         head = (
@@ -124,7 +132,12 @@ class UploadRequest(server.Request):
         transport = self.channel.transport
         if transport is not None:
             transport.write(head + body)
-            transport.loseConnection()
+            if hasattr(transport, "loseWriteConnection"):
+                transport.loseWriteConnection()
+                # The channel's clock, as twisted.web's own timeouts use.
+                self.channel.callLater(_LINGER, transport.loseConnection)
+            else:
+                transport.loseConnection()
 
 
 class _Discard:
