@@ -1064,6 +1064,79 @@ class FilesystemStorage:
                     return out
         return out
 
+    # -- by id, for the dropr command (see dropr.admin) ------------------------------
+
+    def open_messages(
+        self, queue: str, since_ms: int = 0
+    ) -> Iterator[tuple[Message, tuple[int, str] | None]]:
+        """Messages of ``queue`` not yet acked or failed, in delivery order.
+
+        Each comes with its lease, ``(expiry in ms since the epoch, owner)``,
+        or None, and carries its receipt: ack, fail or release it like a
+        taken one.  Buckets that ended before ``since_ms`` are skipped.
+        Reads every state log and batch file it walks: for tools, not for
+        the hot path.
+        """
+        qpath = os.path.join(self.queues_dir, encode_queue(validate_queue(queue)))
+        with self._mutex:
+            self._check_open()
+            buckets = list(self._buckets(qpath))
+        for bucket in buckets:
+            lo = os.path.basename(bucket)
+            hi = os.path.basename(os.path.dirname(bucket))
+            with contextlib.suppress(ValueError):
+                if (int(hi + lo, 16) + 1) * _BUCKET_MS <= since_ms:
+                    continue
+            found: list[tuple[Message, tuple[int, str] | None]] = []
+            with self._mutex:
+                log = StateLog(bucket)
+                log.refresh()
+                for name in sorted(_names(bucket)):
+                    bn = BatchName.parse(name)
+                    if bn is None:
+                        continue
+                    state = log.state(bn.batch_id)
+                    if state.complete(bn.count):
+                        continue
+                    messages = self._read_batch(queue, bucket, bn) or []
+                    for i, m in enumerate(messages):
+                        if i not in state.done:
+                            found.append((m, state.leases.get(i)))
+            yield from found
+
+    def remove_finished(self, queue: str, older_than: float = 0.0) -> int:
+        """Delete the buckets of ``queue`` whose every message is acked or failed.
+
+        A take does this on its way through a queue; this is for queues no
+        one takes from any more.  Buckets that began less than ``older_than``
+        seconds ago are kept.  Returns how many buckets were deleted.
+        """
+        with self._mutex:
+            self._check_open()
+            q = self._queue(validate_queue(queue))
+            if not os.path.isdir(q.path):
+                return 0
+            cutoff_ms = int((self._clock() - older_than) * 1000)
+            removed = 0
+            q.lock()
+            try:
+                for bucket in list(self._buckets(q.path)):
+                    lo = os.path.basename(bucket)
+                    hi = os.path.basename(os.path.dirname(bucket))
+                    try:
+                        if int(hi + lo, 16) * _BUCKET_MS > cutoff_ms:
+                            continue
+                    except ValueError:
+                        continue
+                    log = q.log(bucket)
+                    log.refresh()
+                    self._remove_bucket_if_done(q, bucket, log)
+                    if not os.path.isdir(bucket):
+                        removed += 1
+            finally:
+                q.unlock()
+            return removed
+
     # -- helpers ---------------------------------------------------------------------
 
     def _queue(self, name: str) -> _Queue:
