@@ -70,6 +70,10 @@ class DestinationSender:
         self.failures = 0
         self.last_error = ""
         self.sent = self.stored = self.failed = 0
+        #: Payload bytes sent, attempts that failed, and how long the last
+        #: answered batch took (for the client's metrics).
+        self.sent_bytes = self.errors = 0
+        self.last_batch_seconds = 0.0
         self._again = False
         self._stopping = False
         self._run_d: Deferred[None] | None = None
@@ -192,11 +196,14 @@ class DestinationSender:
         for group in refused.values():
             self._forget(group)
         self.sent += len(batch)
+        self.sent_bytes += sum(len(m.payload) for m in batch)
         self.stored += len(stored)
         self.failed += failed
         if stored or failed:
             # Progress: the next trouble starts the backoff from its first step.
             self.failures = 0
+        self.last_batch_seconds = time.monotonic() - started
+        # One line per batch: the ids are fields (JSON logs keep them), not text.
         self.log.info(
             "sent {count} to {destination}: {stored} stored, {failed} failed, "
             "{retry} to retry in {ms:.1f} ms",
@@ -205,7 +212,9 @@ class DestinationSender:
             stored=len(stored),
             failed=failed,
             retry=len(retry),
-            ms=(time.monotonic() - started) * 1000,
+            ms=self.last_batch_seconds * 1000,
+            ids=[m.id for m in batch],
+            failed_ids={reason: [m.id for m in group] for reason, group in refused.items()},
         )
         if self.on_batch is not None:
             self.on_batch(self, len(stored), failed, len(retry))
@@ -239,6 +248,7 @@ class DestinationSender:
 
     def _back_off(self, reason: str) -> None:
         self.failures += 1
+        self.errors += 1
         self.last_error = reason
         delay = min(self.backoff_cap, self.backoff_base * 2 ** (self.failures - 1))
         delay *= random.uniform(0.5, 1.0)
