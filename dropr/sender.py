@@ -13,6 +13,7 @@ they were asked for and the reactor never waits on the disk.
 
 from __future__ import annotations
 
+import errno
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -124,6 +125,14 @@ class DestinationSender:
             self.state = "idle"
             if self._again and not self._stopping:
                 self.wake()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self.log.failure("sender for {destination} failed", destination=self.destination)
+                self._back_off(f"internal error: {e}")
+            else:
+                # (chaos) The spool's disk is full, so a take could not record
+                # its lease: expected, not a bug; one line, then back off.
+                self._back_off(f"the spool's disk is full ({e.strerror})")
         except Exception as e:  # never let a sender die; retry later
             self.log.failure("sender for {destination} failed", destination=self.destination)
             self._back_off(f"internal error: {e}")
