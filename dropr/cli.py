@@ -1,4 +1,9 @@
-"""The ``dropr`` command: look at spools and stores, put messages from scripts."""
+"""The ``dropr`` command: look at and repair spools and stores; put and take from scripts.
+
+Each subcommand's work is in a module of its own: ``cli_messages`` (list,
+show, take, ack, fail), ``cli_repair`` (requeue, purge) and ``fsck``, over
+the plain functions of :mod:`dropr.admin`.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,26 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from dropr import admin, cli_messages, cli_repair
+from dropr.cli_common import open_storage
 from dropr.errors import DroprError
-from dropr.filestorage import FilesystemStorage
-from dropr.spool import Spool, default_spool_path
+from dropr.spool import Spool
 
 
 def _status(args: argparse.Namespace) -> int:
-    path = args.store or args.spool or default_spool_path()
     kind = "channel" if args.store else "destination"
-    storage = FilesystemStorage(path)
+    storage = open_storage(args)
+    path = storage.path
     try:
         stats = storage.stats()
+        quarantined = len(admin.quarantined(storage))
     finally:
         storage.close()
     if args.json:
         print(json.dumps({name: asdict(s) for name, s in stats.items()}, indent=2))
         return 0
+    if quarantined:
+        print(f"{path}: {quarantined} files in quarantine/ (dropr purge quarantine --help)")
     if not stats:
         print(f"{path}: empty")
         return 0
@@ -54,7 +63,15 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="dropr", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
 
-    status = sub.add_parser("status", help="queues of a spool or channels of a store")
+    status = sub.add_parser(
+        "status",
+        help="queues of a spool or channels of a store",
+        description=(
+            "Per destination of a spool, or channel of a store: messages waiting or "
+            "taken (depth), their payload bytes, the age of the oldest in seconds, how "
+            "many are taken (under a lease) and how many failed."
+        ),
+    )
     where = status.add_mutually_exclusive_group()
     where.add_argument("--spool", help="spool directory (default $DROPR_SPOOL)")
     where.add_argument("--store", help="store directory of a dropr-server")
@@ -68,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     put.add_argument("--priority", type=int, default=5, help="0 (first) to 9 (default 5)")
     put.add_argument("--spool", help="spool directory (default $DROPR_SPOOL)")
     put.set_defaults(run=_put)
+
+    cli_messages.add_parsers(sub)
+    cli_repair.add_parsers(sub)
     return top
 
 
