@@ -9,11 +9,15 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["dropr", "dropr.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/dropr_plugins.py"], "dropr": ["py.typed"]},
+    package_data={
+        "twisted": ["plugins/dropr_plugins.py"],
+        "dropr": ["py.typed", "static/*.html", "static/*.js"],
+    },
     install_requires=[
         "Twisted>=23.10",
         "treq>=23.11",
         "zope.interface>=6.0",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [

@@ -1,0 +1,298 @@
+"""Metrics, /stats and the JSON logs: the parts, then real daemons scraped over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.application.service import Application
+from twisted.logger import ILogObserver, Logger, LogLevel
+
+from dropr import logs
+from dropr.filestorage import FilesystemStorage
+from dropr.ids import new_ids
+from dropr.interfaces import QueueStats
+from dropr.message import Message
+from dropr.metrics import (
+    OTHER,
+    ClientMetrics,
+    LabelCap,
+    RateRing,
+    ServerMetrics,
+    StatsCache,
+)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``{(sample name, sorted labels): value}`` of a Prometheus exposition."""
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+# -- the parts ---------------------------------------------------------------------
+
+
+def test_rate_ring_counts_per_slot_and_forgets_old_slots() -> None:
+    clock = FakeClock(1000.0)
+    ring = RateRing(interval=10.0, slots=6, clock=clock)
+    ring.add("stored", 5)
+    ring.add("stored", 2)
+    clock.now += 10
+    ring.add("stored", 3)
+    ring.add("rejected")
+    snap = ring.snapshot(["refused"])
+    assert snap["interval"] == 10.0 and snap["end"] == 1020.0
+    assert snap["series"] == {
+        "stored": [0, 0, 0, 0, 7, 3],
+        "rejected": [0, 0, 0, 0, 0, 1],
+        "refused": [0] * 6,
+    }
+    clock.now += 10
+    # The last whole minute (six slots here would be 60 s; two are whole).
+    assert ring.last("stored", 20) == (7 + 3) / 20
+    clock.now += 1000  # long idle: everything has scrolled out
+    assert ring.snapshot()["series"]["stored"] == [0] * 6
+    ring.add("x", 0)
+    assert "x" not in ring.snapshot()["series"]
+
+
+def test_rate_ring_and_labels_are_bounded() -> None:
+    ring = RateRing(slots=3, max_series=2)
+    for name in ("a", "b", "c"):
+        ring.add(name)
+    assert sorted(ring.snapshot()["series"]) == ["a", "b"]
+    cap = LabelCap(2)
+    assert [cap(v) for v in ("a", "b", "c", "a", "d")] == ["a", "b", OTHER, "a", OTHER]
+
+
+def test_stats_cache_walks_once_per_ttl_and_one_at_a_time() -> None:
+    clock = FakeClock(0.0)
+    walks: list[float] = []
+    release = threading.Event()
+
+    def stats() -> dict[str, QueueStats]:
+        walks.append(clock.now)
+        if len(walks) == 2:
+            release.wait(5)
+        return {"orders": QueueStats(len(walks), 10, 1.0, 0, 0)}
+
+    cache = StatsCache(stats, ttl=5.0, clock=clock)
+    value, age = cache.get()
+    assert value["orders"].depth == 1 and age == 0.0
+    clock.now = 4.0
+    assert cache.get() == (value, 4.0) and len(walks) == 1
+    clock.now = 6.0
+    # A slow walk under way: another caller gets the old figures at once.
+    slow = threading.Thread(target=cache.get)
+    slow.start()
+    while len(walks) < 2:
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert cache.get()[0]["orders"].depth == 1
+    assert time.monotonic() - started < 1.0
+    release.set()
+    slow.join()
+    assert cache.get()[0]["orders"].depth == 2 and len(walks) == 2
+
+
+def test_stats_cache_keeps_the_old_figures_when_a_walk_fails() -> None:
+    clock = FakeClock(0.0)
+    calls = []
+
+    def stats() -> dict[str, QueueStats]:
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError("disk on fire")
+        return {"a": QueueStats(1, 1, 0.0, 0, 0)}
+
+    cache = StatsCache(stats, ttl=1.0, clock=clock)
+    first = cache.get()[0]
+    clock.now = 2.0
+    assert cache.get()[0] == first
+    assert cache.error == "OSError: disk on fire"
+
+
+def store_with_messages(path: Path) -> str:
+    storage = FilesystemStorage(str(path), dedup=True, exclusive=True)
+    ids = new_ids(3)
+    storage.add("orders", [Message(i, b"12345", "orders", 5) for i in ids])
+    storage.fail(storage.take("orders", 1), "bad")
+    storage.close()
+    return str(path)
+
+
+def test_server_metrics_count_what_the_hooks_report(tmp_path: Path) -> None:
+    store = store_with_messages(tmp_path / "store")
+    reader = FilesystemStorage(store)
+    try:
+        m = ServerMetrics(reader.stats)
+        m.stored("orders", received=5, new=3, new_bytes=30, seconds=0.004)
+        m.rejected_messages({"too_old": 2, "invalid": 0})
+        m.answered(200, 0.01, nbytes=900, messages=7)
+        m.answered(413, 0.001, nbytes=0, reason="request body is too large", peer="10.0.0.7")
+        got = samples(m.render_metrics())
+    finally:
+        reader.close()
+    assert got[("dropr_server_stored_messages_total", (("channel", "orders"),))] == 3
+    assert got[("dropr_server_stored_bytes_total", (("channel", "orders"),))] == 30
+    assert got[("dropr_server_duplicate_messages_total", (("channel", "orders"),))] == 2
+    assert got[("dropr_server_rejected_messages_total", (("reason", "too_old"),))] == 2
+    assert ("dropr_server_rejected_messages_total", (("reason", "invalid"),)) not in got
+    assert got[("dropr_server_requests_total", (("code", "200"),))] == 1
+    assert got[("dropr_server_requests_total", (("code", "413"),))] == 1
+    assert got[("dropr_server_received_messages_total", ())] == 7
+    assert got[("dropr_server_received_bytes_total", ())] == 900
+    assert got[("dropr_server_request_seconds_count", ())] == 2
+    assert got[("dropr_server_sync_seconds_count", ())] == 1
+    assert got[("dropr_server_sync_seconds_bucket", (("le", "0.005"),))] == 1
+    # The store's figures, read at scrape time.
+    assert got[("dropr_store_depth", (("channel", "orders"),))] == 2
+    assert got[("dropr_store_bytes", (("channel", "orders"),))] == 10
+    assert got[("dropr_store_failed", (("channel", "orders"),))] == 1
+    assert got[("dropr_store_oldest_age_seconds", (("channel", "orders"),))] >= 0
+    assert ("dropr_store_stats_seconds", ()) in got
+    assert ("process_cpu_seconds_total", ()) in got
+
+    stats = m.stats_json()
+    assert stats["service"] == "dropr-server"
+    assert stats["channels"]["orders"]["depth"] == 2
+    assert stats["totals"] == {
+        "stored": 3,
+        "duplicates": 2,
+        "rejected": 2,
+        "received": 7,
+        "refused_413": 1,
+    }
+    assert stats["rates"]["series"]["stored"][-1] == 3
+    assert stats["rates"]["series"]["refused"][-1] == 1
+    assert stats["rates"]["channels"]["orders"][-1] == 3
+    [error] = stats["errors"]
+    assert (error["status"], error["peer"]) == (413, "10.0.0.7")
+    assert error["reason"] == "request body is too large"
+    json.dumps(stats)  # all of it JSON
+
+
+def test_two_daemons_in_one_process_do_not_share_a_registry() -> None:
+    a, b = ServerMetrics(), ServerMetrics()
+    a.stored("orders", 1, 1, 1, 0.001)
+    assert ("dropr_server_stored_messages_total", (("channel", "orders"),)) in samples(
+        a.render_metrics()
+    )
+    assert ("dropr_server_stored_messages_total", (("channel", "orders"),)) not in samples(
+        b.render_metrics()
+    )
+
+
+def test_hostile_channel_names_cannot_grow_the_labels_without_end() -> None:
+    m = ServerMetrics()
+    for n in range(300):
+        m.stored(f"c{n}", 1, 1, 1, 0.001)
+    labels = {
+        dict(k[1]).get("channel")
+        for k in samples(m.render_metrics())
+        if k[0] == "dropr_server_stored_messages_total"
+    }
+    assert len(labels) == 201 and OTHER in labels
+
+
+class FakeSender:
+    def __init__(self, state: str = "idle", **kw: Any) -> None:
+        self.state = state
+        self.failures = kw.get("failures", 0)
+        self.last_error = kw.get("last_error", "")
+        self.sent = kw.get("sent", 0)
+        self.stored = kw.get("stored", 0)
+        self.failed = kw.get("failed", 0)
+        self.sent_bytes = kw.get("sent_bytes", 0)
+        self.errors = kw.get("errors", 0)
+        self.last_batch_seconds = 0.02
+
+
+def test_client_metrics_read_the_senders_and_the_spool() -> None:
+    up = "http://up:8080/"
+    down = "http://down:8080/"
+    senders = {
+        up: FakeSender(sent=10, stored=9, failed=1, sent_bytes=100),
+        down: FakeSender("backoff", failures=3, errors=5, last_error="ConnectionRefusedError"),
+    }
+    spool = {up: QueueStats(0, 0, 0.0, 0, 1), down: QueueStats(4, 40, 12.5, 0, 0)}
+    m = ClientMetrics(lambda: senders, lambda: spool)
+    m.batch(senders[up], 9, 1, 0)  # type: ignore[arg-type]
+    got = samples(m.render_metrics())
+    assert got[("dropr_client_sent_messages_total", (("destination", up),))] == 10
+    assert got[("dropr_client_stored_messages_total", (("destination", up),))] == 9
+    assert got[("dropr_client_failed_messages_total", (("destination", up),))] == 1
+    assert got[("dropr_client_sent_bytes_total", (("destination", up),))] == 100
+    assert got[("dropr_client_send_errors_total", (("destination", down),))] == 5
+    assert got[("dropr_client_backoff", (("destination", down),))] == 1
+    assert got[("dropr_client_backoff", (("destination", up),))] == 0
+    assert got[("dropr_client_consecutive_failures", (("destination", down),))] == 3
+    assert got[("dropr_client_batch_seconds_count", ())] == 1
+    assert got[("dropr_spool_depth", (("destination", down),))] == 4
+    assert got[("dropr_spool_oldest_age_seconds", (("destination", down),))] == 12.5
+    stats = m.stats_json()
+    assert stats["destinations"][down]["state"] == "backoff"
+    assert stats["destinations"][down]["depth"] == 4
+    assert stats["destinations"][down]["last_error"] == "ConnectionRefusedError"
+    assert stats["totals"]["stored"] == 9 and stats["totals"]["send_errors"] == 5
+    assert stats["rates"]["series"]["stored"][-1] == 9
+
+
+# -- logs ----------------------------------------------------------------------------
+
+
+def test_json_log_lines_keep_the_fields() -> None:
+    out = io.StringIO()
+    observer = logs.JSONLinesObserver(out)
+    log = Logger(namespace="dropr.test", observer=observer)
+    ids = ["0" * 32, "1" * 32]
+    log.info("stored {stored} messages in {ms:.1f} ms", stored=2, ms=1.234, ids=ids, peer=b"x")
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        log.failure("storing a batch failed")
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["text"] == "stored 2 messages in 1.2 ms"
+    assert (first["level"], first["namespace"]) == ("info", "dropr.test")
+    assert first["ids"] == ids and first["stored"] == 2 and first["peer"] == "x"
+    assert first["time"].endswith("+00:00")
+    assert not any(k.startswith("log_") for k in first)
+    assert second["level"] == "critical" and "ZeroDivisionError" in second["traceback"]
+
+
+def test_log_format_option_picks_the_observer(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        check_log_format_option(tmp_path)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
+def check_log_format_option(tmp_path: Path) -> None:
+    assert logs.observer_for("text", {"nodaemon": True}) is None
+    on_stdout = logs.observer_for("json", {"nodaemon": True, "logfile": None})
+    assert isinstance(on_stdout, logs.JSONLinesObserver)
+    to_file = logs.observer_for("json", {"nodaemon": True, "logfile": str(tmp_path / "d.log")})
+    assert to_file is not None
+    to_file({"log_format": "hello {who}", "who": "you", "log_level": LogLevel.info})
+    assert json.loads((tmp_path / "d.log").read_text())["text"] == "hello you"
+    app = Application("dropr-server")
+    logs.attach(app, to_file)
+    assert app.getComponent(ILogObserver) is to_file
