@@ -60,7 +60,17 @@ def _put(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The command line, for ``dropr --help`` and the docs."""
-    top = argparse.ArgumentParser(prog="dropr", description=__doc__)
+    top = argparse.ArgumentParser(
+        prog="dropr",
+        description=(
+            "Look at and repair dropr spools and stores; put and take messages from "
+            "scripts. 'dropr COMMAND --help' tells more of each command."
+        ),
+        epilog=(
+            "Exit status: 0 done; 1 done in part, or nothing found (the reasons on "
+            "stderr); 2 a wrong command line, or an error (on stderr)."
+        ),
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     status = sub.add_parser(
@@ -73,17 +83,26 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     where = status.add_mutually_exclusive_group()
-    where.add_argument("--spool", help="spool directory (default $DROPR_SPOOL)")
-    where.add_argument("--store", help="store directory of a dropr-server")
+    where.add_argument("--spool", metavar="DIR", help="spool directory (default $DROPR_SPOOL)")
+    where.add_argument("--store", metavar="DIR", help="store directory of a dropr-server")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=_status)
 
-    put = sub.add_parser("put", help="put one message (from FILE or stdin) in a spool")
-    put.add_argument("file", nargs="?", help="payload file; - or nothing for stdin")
-    put.add_argument("--to", required=True, help="destination: the server's base URL")
-    put.add_argument("--channel", default="common", help="channel (default common)")
-    put.add_argument("--priority", type=int, default=5, help="0 (first) to 9 (default 5)")
-    put.add_argument("--spool", help="spool directory (default $DROPR_SPOOL)")
+    put = sub.add_parser(
+        "put",
+        help="put one message (from FILE or stdin) in a spool",
+        description=(
+            "Put one message in a spool, durably, and print its id; the dropr-client "
+            "of that spool sends it to --to."
+        ),
+    )
+    put.add_argument("file", nargs="?", metavar="FILE", help="payload file; - or nothing for stdin")
+    put.add_argument("--to", required=True, metavar="URL", help="the server's base URL")
+    put.add_argument("--channel", default="common", metavar="NAME", help="default common")
+    put.add_argument(
+        "--priority", type=int, default=5, metavar="N", help="0 (first) to 9 (default 5)"
+    )
+    put.add_argument("--spool", metavar="DIR", help="spool directory (default $DROPR_SPOOL)")
     put.set_defaults(run=_put)
 
     cli_messages.add_parsers(sub)

@@ -36,12 +36,14 @@ def add_where(parser: argparse.ArgumentParser, store_only: bool = False) -> None
     """``--spool DIR`` / ``--store DIR`` (or only ``--store``)."""
     if store_only:
         parser.add_argument(
-            "--store", help="store directory of a dropr-server (default $DROPR_STORE)"
+            "--store",
+            metavar="DIR",
+            help="store directory of a dropr-server (default $DROPR_STORE)",
         )
         return
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--spool", help="spool directory (default $DROPR_SPOOL)")
-    where.add_argument("--store", help="store directory of a dropr-server")
+    where.add_argument("--spool", metavar="DIR", help="spool directory (default $DROPR_SPOOL)")
+    where.add_argument("--store", metavar="DIR", help="store directory of a dropr-server")
 
 
 def where(args: argparse.Namespace, store_only: bool = False) -> tuple[str, str]:

@@ -155,6 +155,9 @@ def _take(args: argparse.Namespace) -> int:
         taken = storage.take(args.channel, args.limit, args.lease)
         expires = time.time() + args.lease
         for m in taken:
+            if args.ids:
+                print(m.id)
+                continue
             text, encoding = encode_payload(m.payload, args.raw)
             line: dict[str, Any] = {
                 "id": m.id,
@@ -207,15 +210,19 @@ def add_parsers(sub: Any) -> None:
         description="List messages, queue by queue, each queue in delivery order.",
     )
     add_where(p)
-    p.add_argument("--channel", help="only this channel")
-    p.add_argument("--to", help="only this queue: a destination (spool) or channel (store)")
+    p.add_argument("--channel", metavar="NAME", help="only this channel")
+    p.add_argument(
+        "--to", metavar="QUEUE", help="only this queue: a destination (spool) or channel (store)"
+    )
     p.add_argument(
         "--state",
         action="append",
         choices=admin.STATES,
         help="only messages in this state (repeatable; default all)",
     )
-    p.add_argument("--limit", type=int, default=100, help="show at most N (default 100)")
+    p.add_argument(
+        "--limit", type=int, default=100, metavar="N", help="show at most N (default 100)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
     p.set_defaults(run=_list)
 
@@ -237,17 +244,28 @@ def add_parsers(sub: Any) -> None:
         description=(
             "Claim up to --limit messages of a channel in delivery order and print one "
             "JSON object per message: id, channel, priority, created, payload (base64, "
-            "or UTF-8 text with --raw), payload_encoding, receipt and lease_expires. "
-            "No one else gets them until the lease runs out; settle them with "
-            "'dropr ack' or 'dropr fail'. Prints nothing when the channel is empty."
+            "or UTF-8 text with --raw), payload_encoding, receipt and lease_expires "
+            "(or, with --ids, only the ids). No one else gets them until the lease runs "
+            "out; settle them with 'dropr ack' or 'dropr fail'. Prints nothing when the "
+            "channel is empty."
         ),
     )
     add_where(p, store_only=True)
-    p.add_argument("--channel", default="common", help="channel (default common)")
-    p.add_argument("--limit", type=int, default=1, help="take at most N (default 1)")
-    p.add_argument("--lease", type=float, default=60.0, help="seconds of lease (default 60)")
+    p.add_argument("--channel", default="common", metavar="NAME", help="channel (default common)")
+    p.add_argument("--limit", type=int, default=1, metavar="N", help="take at most N (default 1)")
     p.add_argument(
+        "--lease",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long no one else gets them (default 60)",
+    )
+    out = p.add_mutually_exclusive_group()
+    out.add_argument(
         "--raw", action="store_true", help="payload as UTF-8 text where it is (else base64)"
+    )
+    out.add_argument(
+        "--ids", action="store_true", help="print only the ids, one per line (for shell loops)"
     )
     p.set_defaults(run=_take)
 
@@ -267,9 +285,13 @@ def add_parsers(sub: Any) -> None:
         add_where(p, store_only=True)
         p.add_argument("ids", nargs="+", metavar="ID", help="message ids; - reads them from stdin")
         p.add_argument(
-            "--receipt", help="the receipt 'dropr take' printed: only leases of that take"
+            "--receipt",
+            metavar="RECEIPT",
+            help="the receipt 'dropr take' printed: only leases of that take",
         )
         if name == "fail":
-            p.add_argument("--reason", required=True, help="why they cannot be processed")
+            p.add_argument(
+                "--reason", required=True, metavar="TEXT", help="why they cannot be processed"
+            )
         p.add_argument("--json", action="store_true", help="print what was done as JSON")
         p.set_defaults(run=_settle)

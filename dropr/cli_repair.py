@@ -119,8 +119,10 @@ def _purge(args: argparse.Namespace) -> int:
 
 def _add_selection(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("ids", nargs="*", metavar="ID", help=f"{what} by id")
-    p.add_argument("--channel", help=f"{what} of this channel")
-    p.add_argument("--to", help="only this queue: a destination (spool) or channel (store)")
+    p.add_argument("--channel", metavar="NAME", help=f"{what} of this channel")
+    p.add_argument(
+        "--to", metavar="QUEUE", help="only this queue: a destination (spool) or channel (store)"
+    )
     p.add_argument(
         "--older-than",
         type=age,
