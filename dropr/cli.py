@@ -16,7 +16,7 @@ from dataclasses import asdict
 from dropr import admin, cli_messages, cli_repair
 from dropr.cli_common import open_storage
 from dropr.errors import DroprError
-from dropr.spool import Spool
+from dropr.spool import Spool, default_spool_path
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -56,6 +56,15 @@ def _put(args: argparse.Namespace) -> int:
         message_id = spool.put(data, args.to, args.channel, args.priority)
     print(message_id)
     return 0
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    from dropr import fsck
+
+    kind = "store" if args.store else "spool"
+    report = fsck.check(args.store or args.spool or default_spool_path(), kind, not args.no_repair)
+    print(report.to_json() if args.json else report.text())
+    return report.exit_code
 
 
 def parser() -> argparse.ArgumentParser:
@@ -104,6 +113,16 @@ def parser() -> argparse.ArgumentParser:
     )
     put.add_argument("--spool", metavar="DIR", help="spool directory (default $DROPR_SPOOL)")
     put.set_defaults(run=_put)
+
+    check = sub.add_parser(
+        "fsck", help="check a spool or store; repair what is safe (exit 1: damage left)"
+    )
+    where = check.add_mutually_exclusive_group()
+    where.add_argument("--spool", metavar="DIR", help="spool directory (default $DROPR_SPOOL)")
+    where.add_argument("--store", metavar="DIR", help="store directory of a dropr-server")
+    check.add_argument("--no-repair", action="store_true", help="only look; change nothing")
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(run=_fsck)
 
     cli_messages.add_parsers(sub)
     cli_repair.add_parsers(sub)
