@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
+from dropr.filestorage import FilesystemStorage
 from dropr.interfaces import QueueStats
 
 if TYPE_CHECKING:
@@ -193,6 +194,32 @@ class StatsCache:
                 self._walk.release()
         age = 0.0 if self._at is None else max(0.0, self._clock() - self._at)
         return self._value, age
+
+
+class StatsReader:
+    """``stats()`` of the spool or store at ``path``, from a storage opened for that alone.
+
+    A daemon's own storage object serialises its work under one lock; a
+    walk for the metrics there would hold up adds and takes.  Opened on
+    first use (in a thread), closed with the daemon.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._storage: FilesystemStorage | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> dict[str, QueueStats]:
+        with self._lock:
+            if self._storage is None:
+                self._storage = FilesystemStorage(self.path)
+            return self._storage.stats()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._storage is not None:
+                self._storage.close()
+                self._storage = None
 
 
 class QueueCollector:
