@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test install install-run lint docs bench clean
+.PHONY: demo test install install-run browser lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,17 @@ install: $(BIN)/python
 demo: install-run
 	$(BIN)/python -m dropr.demo
 
-test: install
+# tests/test_statuspage.py loads the server's status page in headless
+# Chromium (Debian's package); as root, install it when it is missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else \
+		echo "chromium is missing (apt-get install chromium): the status page test will fail"; \
+	fi
+
+test: install browser
 	$(BIN)/ruff check dropr tests bench twisted
 	$(BIN)/ruff format --check dropr tests bench twisted
 	$(BIN)/mypy
