@@ -14,7 +14,9 @@ setup(
         "dropr": ["py.typed", "static/*.html", "static/*.js"],
     },
     install_requires=[
-        "Twisted>=23.10",
+        # [tls]: pyOpenSSL and service_identity, for ssl: endpoints and for
+        # checking servers' certificates (docs/dependencies.rst).
+        "Twisted[tls]>=23.10",
         "treq>=23.11",
         "zope.interface>=6.0",
         "prometheus_client>=0.17",
@@ -24,6 +26,8 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
+            # Makes the test CA and certificates of tests/test_tls.py.
+            "cryptography>=42",
         ],
         "dev": [
             "mypy>=1.10",

@@ -15,12 +15,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from dropr.auth import CredentialsError, check_not_world_writable, load_client_credentials
 from dropr.errors import InvalidMessage, StorageLocked
 from dropr.message import validate_destination
 from dropr.notifier import FifoNotifier
 from dropr.sender import DestinationSender
 from dropr.server_tap import _size
 from dropr.spool import Spool, default_spool_path
+from dropr.tls import TLSConfigError, client_policy
 from dropr.transport import HTTPTransport
 
 
@@ -41,6 +43,8 @@ class Options(usage.Options):
         ["connect-timeout", None, 10.0, "Seconds to wait for a connection.", float],
         ["timeout", None, 60.0, "Seconds to wait for a server's answer.", float],
         ["backoff-cap", None, 60.0, "Longest wait between retries of a failing server.", float],
+        ["credentials", None, None, "File with this client's identity and secret (owner-only)."],
+        ["ca-file", None, None, "PEM file of the CAs to trust for https (default: the system's)."],
     ]
 
     def postOptions(self) -> None:
@@ -142,6 +146,15 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     """Build the dropr-client service from parsed ``options``."""
     reactor = reactor or global_reactor
     path = os.path.abspath(options["spool"])
+    # Checked before the spool is opened, so a bad file changes nothing.
+    try:
+        check_not_world_writable(path, "spool")
+        credentials = (
+            load_client_credentials(options["credentials"]) if options["credentials"] else None
+        )
+        tls_policy = client_policy(options["ca-file"])
+    except (CredentialsError, TLSConfigError) as e:
+        raise SystemExit(f"dropr-client: {e}") from None
     try:
         spool = Spool(path, daemon=True)
     except StorageLocked as e:
@@ -149,6 +162,10 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     except OSError as e:
         raise SystemExit(f"dropr-client: cannot use spool {path}: {e}") from None
     transport = HTTPTransport(
-        reactor, connect_timeout=options["connect-timeout"], timeout=options["timeout"]
+        reactor,
+        connect_timeout=options["connect-timeout"],
+        timeout=options["timeout"],
+        context_factory=tls_policy,
+        credentials=credentials,
     )
     return ClientService(spool, transport, reactor, options)

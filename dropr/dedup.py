@@ -195,7 +195,8 @@ class DedupIndex:
         if ms <= self.checkpoint_ms:
             return
         tmp = self._checkpoint_path + ".tmp"
-        with open(tmp, "wb") as f:
+        # Owner-only whatever the umask, like every file of a store.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(f"{ms}\n".encode())
             f.flush()
             os.fdatasync(f.fileno())

@@ -648,7 +648,8 @@ class FilesystemStorage:
         path = os.path.join(self.path, USAGE_NAME)
         tmp = f"{path}.{os.getpid()}.tmp"
         with contextlib.suppress(OSError):
-            with open(tmp, "w", encoding="ascii") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # whatever the umask
+            with os.fdopen(fd, "w", encoding="ascii") as f:
                 json.dump({"messages": count, "bytes": nbytes, "time": time.time()}, f)
             os.replace(tmp, path)
 

@@ -9,6 +9,7 @@ and the disk sync run in a thread pool so the reactor keeps serving.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads
+from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from dropr.auth import SCHEME, Authenticator, AuthError, Claim, media_type
 from dropr.errors import InvalidMessage, StorageFull
 from dropr.filestorage import FilesystemStorage
 from dropr.ids import is_valid_id, new_id
@@ -51,6 +54,11 @@ class Limits:
     max_request_bytes: int = 64 * 1024 * 1024
     max_messages: int = 10_000
     max_payload: int = 16 * 1024 * 1024
+    #: Seconds from a request's first byte to its last; a client that takes
+    #: longer (a slow-loris, a byte now and then) is answered 408 and cut off.
+    request_timeout: float = 300.0
+    #: Connections open at once; more are answered 503 and closed.
+    max_connections: int = 1000
 
 
 def _json(request: server.Request, status: int, data: dict[str, Any]) -> bytes:
@@ -74,10 +82,26 @@ class UploadRequest(server.Request):
     _body_limit = 0
     _received = 0
     _refused = False
+    #: Who the request says it is from (checked but for its signature).
+    claim: Claim | None = None
+    _digest: Any = None
 
     def gotLength(self, length: int | None) -> None:
         site: ReceiverSite = self.channel.site  # type: ignore[attr-defined]
         self._body_limit = site.limits.max_request_bytes
+        if site.authenticator is not None:
+            # Headers are all in: refuse the unauthenticated before their body
+            # takes any disk (a length of None is a chunked body).
+            try:
+                self.claim = site.authenticator.check_headers(
+                    self.requestHeaders, has_body=length != 0
+                )
+            except AuthError as e:
+                ReceiverResource.log.warn("refused a request: 401 {reason}", reason=str(e))
+                self._refuse(401, str(e), {"WWW-Authenticate": SCHEME})
+                return
+            if self.claim is not None:
+                self._digest = hashlib.sha256()
         if length is not None and length > self._body_limit:
             self._refuse(
                 413,
@@ -102,6 +126,8 @@ class UploadRequest(server.Request):
                 f"{self._body_limit} bytes; send smaller batches",
             )
             return
+        if self._digest is not None:
+            self._digest.update(data)
         if self.content is not None:
             try:
                 self.content.write(data)
@@ -113,7 +139,11 @@ class UploadRequest(server.Request):
                 ReceiverResource.log.warn("refused a request: 507 {reason}", reason=reason)
                 self._refuse(507, reason)
 
-    def _refuse(self, status: int, reason: str) -> None:
+    def body_sha256(self) -> str:
+        """Hex SHA-256 of the body received (for a signed request)."""
+        return self._digest.hexdigest() if self._digest is not None else ""
+
+    def _refuse(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
         """Answer at once, without storing or keeping the rest of the body.
 
         The answer is followed by a half-close, and what the client still
@@ -122,12 +152,7 @@ class UploadRequest(server.Request):
         destroy the answer before the client reads it (a "lingering close").
         """
         self._refused = True
-        body = json.dumps({"error": reason}).encode("utf-8")
-        head = (
-            f"HTTP/1.1 {status} {http.RESPONSES.get(status, b'Error').decode()}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode("ascii")
+        head, body = _error_response(status, reason, headers)
         self.content = _Discard()
         transport = self.channel.transport
         if transport is not None:
@@ -138,6 +163,20 @@ class UploadRequest(server.Request):
                 self.channel.callLater(_LINGER, transport.loseConnection)
             else:
                 transport.loseConnection()
+
+
+def _error_response(
+    status: int, reason: str, headers: dict[str, str] | None = None
+) -> tuple[bytes, bytes]:
+    """Head and body of a JSON error answer after which the connection closes."""
+    body = json.dumps({"error": reason}).encode("utf-8")
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    head = (
+        f"HTTP/1.1 {status} {http.RESPONSES.get(status, b'Error').decode()}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"{extra}Connection: close\r\n\r\n"
+    ).encode("ascii")
+    return head, body
 
 
 class _Discard:
@@ -156,18 +195,112 @@ class _Discard:
         pass
 
 
+class ReceiverChannel(http.HTTPChannel):
+    """An HTTP connection that counts itself and bounds each request's time.
+
+    twisted.web's own timeout only fires on silence; a client that sends a
+    byte now and then (a slow-loris) would hold a connection and a temp file
+    for ever.  Here a request must be complete within
+    ``Limits.request_timeout`` seconds of its first byte, or it is answered
+    408 and cut off.
+    """
+
+    _deadline: IDelayedCall | None = None
+    _counted = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.connections += 1  # type: ignore[attr-defined]
+        self._counted = True
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._counted:
+            self.site.connections -= 1  # type: ignore[attr-defined]
+            self._counted = False
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        # From the first byte, not the first whole line: a request line sent
+        # a byte at a time must not escape the limit.  Bytes that arrive while
+        # a request is being answered are buffered by twisted.web, and the
+        # next byte after that starts the next request's clock.
+        if self._deadline is None and not self._handlingRequest:
+            limit = self.site.limits.request_timeout  # type: ignore[attr-defined]
+            self._deadline = self.callLater(limit, self._too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # twisted.web hangs up without a word on a request line or header
+        # longer than it reads (16 KiB); say why.
+        ReceiverResource.log.warn("refused a request: 431 a line of its head is too long")
+        head, body = _error_response(
+            431, f"request line or header longer than {self.MAX_LENGTH} bytes"
+        )
+        if self.transport is not None:
+            self.transport.write(head + body)
+            self.transport.loseConnection()
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        limit = self.site.limits.request_timeout  # type: ignore[attr-defined]
+        ReceiverResource.log.warn("refused a request: 408 slower than {limit} s", limit=limit)
+        head, body = _error_response(
+            408, f"request not complete within {limit:g} seconds; send it faster"
+        )
+        if self.transport is not None:
+            self.transport.write(head + body)
+            self.transport.loseConnection()
+
+
+class _TooManyConnections(Protocol):
+    """Answers 503 and hangs up: the server has as many connections as it takes."""
+
+    def connectionMade(self) -> None:
+        head, body = _error_response(503, "too many connections; retry later")
+        assert self.transport is not None
+        self.transport.write(head + body)
+        self.transport.loseConnection()
+
+
 class ReceiverSite(server.Site):
     """The site of a dropr-server: limits and the store's temp directory."""
 
     requestFactory = UploadRequest
+    # HTTP/1.1 only (no HTTP/2 negotiation): the limits below are per connection.
+    protocol = ReceiverChannel  # type: ignore[assignment]
 
-    def __init__(self, resource: Resource, limits: Limits, tmp_dir: str, **kw: Any) -> None:
+    def __init__(
+        self,
+        resource: Resource,
+        limits: Limits,
+        tmp_dir: str,
+        authenticator: Authenticator | None = None,
+        **kw: Any,
+    ) -> None:
         # Bodies are messages, never forms: a form body would be parsed into
         # memory and its fields would override the query's channel and id.
         kw.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kw)
         self.limits = limits
         self.tmp_dir = tmp_dir
+        self.authenticator = authenticator
+        #: Connections open now.
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.connections >= self.limits.max_connections:
+            return _TooManyConnections()
+        return super().buildProtocol(addr)
 
     def log(self, request: http.Request) -> None:
         # One line per batch is logged by the resource; per-request access
@@ -260,11 +393,18 @@ class ReceiverResource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, receiver: Receiver, reactor: IReactorThreads, pool: ThreadPool) -> None:
+    def __init__(
+        self,
+        receiver: Receiver,
+        reactor: IReactorThreads,
+        pool: ThreadPool,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         super().__init__()
         self.receiver = receiver
         self.reactor = reactor
         self.pool = pool
+        self.authenticator = authenticator
         self.stopping = False
 
     def render_GET(self, request: server.Request) -> bytes:
@@ -285,15 +425,24 @@ class ReceiverResource(Resource):
             return _json(request, 404, {"error": "POST messages to the server's base URL /"})
         if self.stopping:
             return _json(request, 503, {"error": "server is stopping; retry shortly"})
-        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+        # Media types are case-insensitive; parameters do not matter here.
+        content_type = media_type(request.getHeader(b"content-type"))
+        raw_fresh = request.getHeader(FRESH_HEADER.encode())
+        fresh = raw_fresh == b"1"
+        if self.authenticator is not None:
+            try:
+                fresh = self._authenticate(request, content_type, raw_fresh) and fresh
+            except AuthError as e:
+                self.log.warn("refused a request: 401 {reason}", reason=str(e))
+                request.setHeader(b"WWW-Authenticate", SCHEME.encode())
+                return _json(request, 401, {"error": str(e)})
         body = request.content
         if body is None:
             return _json(request, 400, {"error": "request has no body"})
         body.seek(0)
         started = time.monotonic()
         d: Deferred[tuple[list[str], dict[str, str]]]
-        if content_type == CONTENT_TYPE.encode():
-            fresh = request.getHeader(FRESH_HEADER.encode()) == b"1"
+        if content_type == CONTENT_TYPE:
             d = deferToThreadPool(self.reactor, self.pool, self.receiver.receive_batch, body, fresh)
         else:
             try:
@@ -315,6 +464,25 @@ class ReceiverResource(Resource):
             errbackArgs=(request, gone),
         )
         return server.NOT_DONE_YET
+
+    def _authenticate(
+        self, request: server.Request, content_type: str, raw_fresh: bytes | None
+    ) -> bool:
+        """Raise AuthError unless the request may store; return whether fresh may hold."""
+        assert self.authenticator is not None
+        claim: Claim | None = getattr(request, "claim", None)
+        self.authenticator.require(claim)
+        if claim is None:
+            return True  # anonymous, and allowed
+        self.authenticator.verify(
+            claim,
+            "POST",
+            request.uri.partition(b"?")[2].decode("latin-1"),
+            content_type,
+            (raw_fresh or b"").decode("latin-1"),
+            request.body_sha256(),  # type: ignore[attr-defined]
+        )
+        return self.authenticator.fresh_allowed(claim)
 
     def _answer(
         self,
@@ -402,9 +570,14 @@ def make_site(
     reactor: IReactorThreads,
     pool: ThreadPool,
     timeout: float = 60.0,
+    authenticator: Authenticator | None = None,
 ) -> tuple[ReceiverSite, ReceiverResource]:
-    """The site serving ``storage``, and its resource (to flag shutdown)."""
-    resource = ReceiverResource(Receiver(storage, limits), reactor, pool)
-    site = ReceiverSite(resource, limits, storage.tmp_dir, timeout=timeout)
-    os.makedirs(storage.tmp_dir, exist_ok=True)
+    """The site serving ``storage``, and its resource (to flag shutdown).
+
+    With an ``authenticator``, requests that store must be signed by a
+    client it knows (unless it allows anonymous ones); ``GET`` needs none.
+    """
+    resource = ReceiverResource(Receiver(storage, limits), reactor, pool, authenticator)
+    site = ReceiverSite(resource, limits, storage.tmp_dir, authenticator, timeout=timeout)
+    os.makedirs(storage.tmp_dir, mode=0o700, exist_ok=True)
     return site, resource

@@ -13,9 +13,16 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from dropr.auth import (
+    Authenticator,
+    CredentialsError,
+    check_not_world_writable,
+    load_server_credentials,
+)
 from dropr.errors import StorageLocked
 from dropr.filestorage import FilesystemStorage
 from dropr.receiver import Limits, ReceiverResource, make_site
+from dropr.tls import TLSConfigError, check_endpoint_key, is_local_endpoint
 
 
 def _size(text: str) -> int:
@@ -51,6 +58,16 @@ class Options(usage.Options):
         ["dedup-window", None, 7 * 86400.0, "Seconds a stored id is remembered.", float],
         ["threads", None, 4, "Threads for disk work.", int],
         ["timeout", None, 60.0, "Seconds an idle or stalled connection is kept.", float],
+        ["request-timeout", None, 300.0, "Seconds a request may take to arrive whole.", float],
+        ["max-connections", None, 1000, "Most connections open at once.", int],
+        ["credentials", None, None, "File of client identities and secrets (owner-only)."],
+    ]
+    optFlags: list[list[str | None]] = [
+        [
+            "insecure-allow-anonymous",
+            None,
+            "Accept unsigned requests on a network interface (see docs/security).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -70,6 +87,19 @@ class Options(usage.Options):
             self["listen"] = ["tcp:8080"]
         if self["threads"] < 1:
             raise usage.UsageError("--threads must be at least 1")
+        if self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
+        if self["request-timeout"] <= 0:
+            raise usage.UsageError("--request-timeout must be more than 0 seconds")
+        if not self["credentials"] and not self["insecure-allow-anonymous"]:
+            public = [e for e in self["listen"] if not is_local_endpoint(e)]
+            if public:
+                raise usage.UsageError(
+                    f"listening on {', '.join(public)} without --credentials would let "
+                    "anyone who can reach it store messages: give --credentials FILE, "
+                    "listen on a loopback interface only (e.g. tcp:8080:interface=127.0.0.1), "
+                    "or pass --insecure-allow-anonymous to accept unsigned requests anyway"
+                )
 
 
 class ServerService(service.MultiService):
@@ -112,10 +142,25 @@ def _maintain(reactor: Any, pool: ThreadPool, storage: FilesystemStorage) -> Any
     return d
 
 
+def _authenticator(options: Options) -> Authenticator | None:
+    """Who may store: checked before the store is opened, so a bad file changes nothing."""
+    try:
+        check_not_world_writable(os.path.abspath(options["store"]), "store")
+        for endpoint in options["listen"]:
+            check_endpoint_key(endpoint)
+        if not options["credentials"]:
+            return None  # anonymous: on loopback only, or explicitly allowed
+        secrets = load_server_credentials(options["credentials"])
+    except (CredentialsError, TLSConfigError) as e:
+        raise SystemExit(f"dropr-server: {e}") from None
+    return Authenticator(secrets, allow_anonymous=options["insecure-allow-anonymous"])
+
+
 def makeService(options: Options, reactor: Any = None) -> ServerService:
     """Build the dropr-server service tree from parsed ``options``."""
     reactor = reactor or global_reactor
     store = os.path.abspath(options["store"])
+    authenticator = _authenticator(options)
     try:
         storage = FilesystemStorage(
             store,
@@ -130,9 +175,22 @@ def makeService(options: Options, reactor: Any = None) -> ServerService:
         raise SystemExit(f"dropr-server: {e}") from None
     except OSError as e:
         raise SystemExit(f"dropr-server: cannot use store {store}: {e}") from None
-    limits = Limits(options["max-request"], options["max-messages"], options["max-payload"])
+    limits = Limits(
+        options["max-request"],
+        options["max-messages"],
+        options["max-payload"],
+        request_timeout=options["request-timeout"],
+        max_connections=options["max-connections"],
+    )
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="dropr-disk")
-    site, resource = make_site(storage, limits, reactor, pool, timeout=options["timeout"])
+    site, resource = make_site(
+        storage,
+        limits,
+        reactor,
+        pool,
+        timeout=options["timeout"],
+        authenticator=authenticator,
+    )
     top = ServerService(storage, resource, pool)
     upkeep = TimerService(1.0, _maintain, reactor, pool, storage)
     upkeep.clock = reactor

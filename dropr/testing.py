@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -122,7 +123,12 @@ class DaemonProcess:
 
 
 class ServerProcess(DaemonProcess):
-    """``twistd -n dropr-server`` on 127.0.0.1 and a port of its own."""
+    """``twistd -n dropr-server`` on 127.0.0.1 and a port of its own.
+
+    Loopback only, so it accepts unsigned requests unless ``extra`` gives
+    ``--credentials``.  With ``tls=(key_file, cert_file)`` it speaks HTTPS,
+    and ``ca_file`` is what its own health check trusts.
+    """
 
     def __init__(
         self,
@@ -131,23 +137,31 @@ class ServerProcess(DaemonProcess):
         port: int | None = None,
         extra: Sequence[str] = (),
         cpu: int | None = None,
+        tls: tuple[str, str] | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self.store = store
+        self.tls = tls
+        self.ca_file = ca_file
+        if tls is None:
+            listen = f"tcp:{self.port}:interface=127.0.0.1"
+        else:
+            key, cert = (_escape_endpoint(p) for p in tls)
+            listen = f"ssl:{self.port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"
         super().__init__(
-            "dropr-server",
-            ["--listen", f"tcp:{self.port}:interface=127.0.0.1", "--store", store, *extra],
-            logfile,
-            cpu,
+            "dropr-server", ["--listen", listen, "--store", store, *extra], logfile, cpu
         )
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/"
 
     def healthy(self) -> bool:
+        context = ssl.create_default_context(cafile=self.ca_file) if self.tls else None
         try:
-            with urllib.request.urlopen(self.url + "health", timeout=1) as r:
+            with urllib.request.urlopen(self.url + "health", timeout=1, context=context) as r:
                 return bool(json.loads(r.read()).get("status") == "ok")
         except (OSError, ValueError, urllib.error.URLError):
             return False
@@ -168,6 +182,11 @@ class ServerProcess(DaemonProcess):
             except ValueError:
                 return ""
         return ""
+
+
+def _escape_endpoint(text: str) -> str:
+    """``text`` as one argument of a Twisted endpoint string."""
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
 class ClientProcess(DaemonProcess):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import treq
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
+from dropr.auth import Credentials, sign_request
 from dropr.interfaces import ITransport, SendResult
 from dropr.message import Message
 from dropr.wire import CONTENT_TYPE, FRESH_HEADER, WireError, decode_answer, encode_batch
@@ -31,7 +34,10 @@ class HTTPTransport:
     :param connect_timeout: seconds to wait for a connection.
     :param timeout: seconds to wait for the whole answer.
     :param context_factory: TLS policy for ``https`` destinations (an
-        ``IPolicyForHTTPS``); the system's roots when None.
+        ``IPolicyForHTTPS``, see :func:`dropr.tls.client_policy`); the
+        system's roots when None.
+    :param credentials: sign every request with this identity and secret
+        (see :mod:`dropr.auth`); unsigned when None.
     """
 
     def __init__(
@@ -41,7 +47,11 @@ class HTTPTransport:
         timeout: float = 60.0,
         context_factory: Any = None,
         max_connections: int = 2,
+        credentials: Credentials | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.credentials = credentials
+        self._clock = clock
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
         self.pool.retryAutomatically = False
@@ -59,8 +69,20 @@ class HTTPTransport:
         headers: dict[bytes | str, list[bytes | str]] = {"Content-Type": [CONTENT_TYPE]}
         if fresh:
             headers[FRESH_HEADER] = ["1"]
+        data = encode_batch(messages)
+        if self.credentials is not None:
+            signed = sign_request(
+                self.credentials,
+                data,
+                query=urlsplit(destination).query,
+                content_type=CONTENT_TYPE,
+                fresh="1" if fresh else "",
+                now=self._clock(),
+            )
+            for name, value in signed.items():
+                headers[name] = [value]
         response = yield self.client.post(
-            destination, data=encode_batch(messages), headers=headers, timeout=self.timeout
+            destination, data=data, headers=headers, timeout=self.timeout
         )
         body = yield treq.content(response)
         code = response.code
@@ -74,6 +96,12 @@ class HTTPTransport:
         reason = reason or f"HTTP {code}"
         if code == 413:
             raise BatchTooLarge(reason)
+        if code in (401, 403):
+            # Credentials or the clock are wrong: the messages are not at
+            # fault, so they wait in the spool (with backoff) until it is fixed.
+            raise DestinationUnavailable(
+                f"{destination} refused this client's credentials: HTTP {code}: {reason}"
+            )
         if 400 <= code < 500 and code not in (404, 408, 429) and not retry:
             # The server read the request and refuses it as such: retrying the
             # same bytes cannot help, so each message fails with its reason.

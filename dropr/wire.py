@@ -202,11 +202,15 @@ def decode_answer(body: bytes, messages: Sequence[Message]) -> list[SendResult]:
     """
     try:
         data = json.loads(body)
+        if not isinstance(data.get("stored"), list):
+            raise TypeError("stored is not a list")
         stored = set(data["stored"])
-        rejected = data.get("rejected") or {}
+        rejected = data.get("rejected", {})
         if not isinstance(rejected, dict):
             raise TypeError("rejected is not an object")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        # (security) Whatever a server or a man in the middle answers, the
+        # sender gets a WireError (retry later) and acks nothing.
         raise WireError(f"unreadable answer from server: {e}") from e
     results = []
     for m in messages:

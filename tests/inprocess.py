@@ -8,16 +8,26 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
+from dropr.auth import Authenticator
 from dropr.filestorage import FilesystemStorage
 from dropr.receiver import Limits, make_site
 
 
 class Server:
-    def __init__(self, tmp_path: Path, limits: Limits, **storage: Any) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        limits: Limits,
+        authenticator: Authenticator | None = None,
+        **storage: Any,
+    ) -> None:
         self.storage = FilesystemStorage(str(tmp_path / "store"), dedup=True, **storage)
         self.pool = ThreadPool(1, 2, "test-disk")
         self.pool.start()
-        site, _resource = make_site(self.storage, limits, reactor, self.pool)
+        site, _resource = make_site(
+            self.storage, limits, reactor, self.pool, authenticator=authenticator
+        )
+        self.site = site
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}/"
 
