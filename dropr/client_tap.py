@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from twisted.application import service
+from twisted.application import service, strports
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import LoopingCall
@@ -15,13 +15,16 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from dropr import logs
 from dropr.auth import CredentialsError, check_not_world_writable, load_client_credentials
 from dropr.errors import InvalidMessage, StorageLocked
 from dropr.message import validate_destination
+from dropr.metrics import ClientMetrics, StatsReader
 from dropr.notifier import FifoNotifier
 from dropr.sender import DestinationSender
-from dropr.server_tap import _size
+from dropr.server_tap import _log_format, _size
 from dropr.spool import Spool, default_spool_path
+from dropr.statuspage import client_site
 from dropr.tls import TLSConfigError, client_policy
 from dropr.transport import HTTPTransport
 
@@ -43,6 +46,19 @@ class Options(usage.Options):
         ["connect-timeout", None, 10.0, "Seconds to wait for a connection.", float],
         ["timeout", None, 60.0, "Seconds to wait for a server's answer.", float],
         ["backoff-cap", None, 60.0, "Longest wait between retries of a failing server.", float],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve /metrics and /stats on this endpoint, e.g. tcp:9101:interface=127.0.0.1.",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "Log lines as text, or json (one JSON object per line).",
+            _log_format,
+        ],
         ["credentials", None, None, "File with this client's identity and secret (owner-only)."],
         ["ca-file", None, None, "PEM file of the CAs to trust for https (default: the system's)."],
     ]
@@ -55,12 +71,22 @@ class Options(usage.Options):
             raise usage.UsageError("--rescan must be more than 0 seconds")
 
 
-class ClientService(service.Service):
-    """Watches the spool and runs one sender per destination."""
+class ClientService(service.MultiService):
+    """Watches the spool and runs one sender per destination.
+
+    Its child, with ``--metrics``, serves ``/metrics`` and ``/stats``.
+    """
 
     log = Logger()
+    #: What the senders count; /metrics and /stats show it.
+    metrics: ClientMetrics | None = None
+    #: Reads the spool's figures for the metrics; closed with the service.
+    stats_reader: StatsReader | None = None
+    #: The log observer twistd is to use (--log-format), or None for its own.
+    log_observer: logs.JSONLinesObserver | None = None
 
     def __init__(self, spool: Spool, transport: HTTPTransport, reactor: Any, options: Any) -> None:
+        super().__init__()
         self.spool = spool
         self.transport = transport
         self.reactor = reactor
@@ -80,6 +106,10 @@ class ClientService(service.Service):
         self.notifier.startReading()
         self._rescan.start(self.options["rescan"], now=True)
         self.log.info("dropr-client forwarding spool {spool}", spool=self.spool.path)
+
+    def setServiceParent(self, parent: Any) -> Any:
+        logs.attach(parent, self.log_observer)
+        return super().setServiceParent(parent)
 
     def _rescan_safely(self) -> None:
         # A LoopingCall stops for good on an error: never let one escape.
@@ -123,19 +153,22 @@ class ClientService(service.Service):
             max_age=o["max-age"],
             backoff_cap=o["backoff-cap"],
             started=self.started,
+            on_batch=self.metrics.batch if self.metrics is not None else None,
         )
 
     def stopService(self) -> Any:
-        super().stopService()
+        children = super().stopService()
         if self.notifier is not None:
             self.notifier.stop()
         if self._rescan.running:
             self._rescan.stop()
-        d = DeferredList([s.stop() for s in self.senders.values()])
+        d = DeferredList([children, *(s.stop() for s in self.senders.values())])
 
         def finish(_: object) -> Any:
             self.pool.stop()
             self.spool.close()
+            if self.stats_reader is not None:
+                self.stats_reader.close()
             self.log.info("dropr-client stopped")
             return self.transport.close()
 
@@ -168,4 +201,11 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         context_factory=tls_policy,
         credentials=credentials,
     )
-    return ClientService(spool, transport, reactor, options)
+    client = ClientService(spool, transport, reactor, options)
+    client.stats_reader = StatsReader(path)
+    client.metrics = ClientMetrics(lambda: client.senders, client.stats_reader)
+    client.log_observer = logs.observer_for(options["log-format"], getattr(options, "parent", None))
+    if options["metrics"]:
+        site = client_site(client.metrics, reactor)
+        strports.service(options["metrics"], site, reactor=reactor).setServiceParent(client)
+    return client

@@ -39,6 +39,7 @@ from dropr.message import (
     validate_channel,
     validate_priority,
 )
+from dropr.metrics import ServerMetrics
 from dropr.wire import CONTENT_TYPE, FRESH_HEADER, WireError, encode_answer, parse_batch
 
 #: Seconds a refused request's connection keeps draining before it closes.
@@ -62,6 +63,7 @@ class Limits:
 
 
 def _json(request: server.Request, status: int, data: dict[str, Any]) -> bytes:
+    _observe(request, status, str(data.get("error", "")))
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     return json.dumps(data).encode("utf-8")
@@ -76,17 +78,44 @@ def _finish(request: server.Request, status: int, body: bytes) -> None:
     request.finish()
 
 
+def _observe(request: server.Request, status: int, reason: str = "", messages: int = 0) -> None:
+    """Count an answered POST in the site's metrics (and a refusal in its recent errors)."""
+    # A request refused before its body (and so its method) is read has one.
+    if request.method != b"POST" and not getattr(request, "_refused", False):
+        return
+    channel = getattr(request, "channel", None)
+    metrics = getattr(getattr(channel, "site", None), "metrics", None)
+    if metrics is None:
+        return
+    started = getattr(request, "_started", 0.0)
+    metrics.answered(
+        status,
+        time.monotonic() - started if started else 0.0,
+        getattr(request, "_received", 0),
+        messages,
+        reason,
+        _peer(request),
+    )
+
+
+def _peer(request: server.Request) -> str:
+    return str(getattr(request.getClientAddress(), "host", "?"))
+
+
 class UploadRequest(server.Request):
     """A request whose body is spooled to the store's disk, within a limit."""
 
     _body_limit = 0
     _received = 0
     _refused = False
+    #: When the headers were in (time.monotonic()), for the request latency.
+    _started = 0.0
     #: Who the request says it is from (checked but for its signature).
     claim: Claim | None = None
     _digest: Any = None
 
     def gotLength(self, length: int | None) -> None:
+        self._started = time.monotonic()
         site: ReceiverSite = self.channel.site  # type: ignore[attr-defined]
         self._body_limit = site.limits.max_request_bytes
         if site.authenticator is not None:
@@ -152,6 +181,7 @@ class UploadRequest(server.Request):
         destroy the answer before the client reads it (a "lingering close").
         """
         self._refused = True
+        _observe(self, status, reason)
         head, body = _error_response(status, reason, headers)
         self.content = _Discard()
         transport = self.channel.transport
@@ -276,6 +306,8 @@ class ReceiverSite(server.Site):
     """The site of a dropr-server: limits and the store's temp directory."""
 
     requestFactory = UploadRequest
+    #: What the site counts (see dropr.metrics); set by make_site.
+    metrics: ServerMetrics | None = None
     # HTTP/1.1 only (no HTTP/2 negotiation): the limits below are per connection.
     protocol = ReceiverChannel  # type: ignore[assignment]
 
@@ -322,10 +354,12 @@ class Receiver:
         storage: FilesystemStorage,
         limits: Limits,
         clock: Callable[[], float] = time.time,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.storage = storage
         self.limits = limits
         self._clock = clock
+        self.metrics = metrics or ServerMetrics()
 
     def receive_batch(self, body: BinaryIO, fresh: bool) -> tuple[list[str], dict[str, str]]:
         """Store the batch in ``body``; return (stored ids, rejected id → reason)."""
@@ -360,14 +394,17 @@ class Receiver:
         oldest = f"{max(0, int((now - self.storage_window() + 1) * 1000)):012x}"
         newest = f"{int((now + MAX_CLOCK_SKEW) * 1000):012x}"
         accepted: dict[str, list[Message]] = {}
+        kinds = {"invalid": len(rejected), "too_old": 0, "clock_skew": 0}
         for m in messages:
             if m.id < oldest:
+                kinds["too_old"] += 1
                 rejected[m.id] = (
                     "message is older than this server's dedup window "
                     f"({self.storage_window():.0f} s): it may have been stored and "
                     "forgotten already, so it is not stored again"
                 )
             elif m.id[:12] > newest:
+                kinds["clock_skew"] += 1
                 rejected[m.id] = (
                     "message id is dated more than an hour ahead of this server's "
                     "clock: check the sender's clock"
@@ -376,9 +413,19 @@ class Receiver:
                 accepted.setdefault(m.channel, []).append(m)
         stored: list[str] = []
         for channel, group in accepted.items():
-            self.storage.add(channel, group, fresh=fresh, records=records)
+            started = time.monotonic()
+            new = self.storage.add(channel, group, fresh=fresh, records=records)
+            new_ids = set(new)
+            self.metrics.stored(
+                channel,
+                len(group),
+                len(new),
+                sum(len(m.payload) for m in group if m.id in new_ids),
+                time.monotonic() - started,
+            )
             # Ids add() skipped were stored before: "stored" is the answer too.
             stored.extend(m.id for m in group)
+        self.metrics.rejected_messages(kinds)
         return stored, rejected
 
     def storage_window(self) -> float:
@@ -497,10 +544,11 @@ class ReceiverResource(Resource):
             stored=len(stored),
             rejected=len(rejected),
             ms=(time.monotonic() - started) * 1000,
-            peer=request.getClientAddress().host
-            if hasattr(request.getClientAddress(), "host")
-            else "?",
+            peer=_peer(request),
+            ids=stored,
+            rejected_ids=rejected,
         )
+        _observe(request, 200, "", len(stored) + len(rejected))
         if gone:
             return
         _finish(request, 200, encode_answer(stored, rejected))
@@ -524,6 +572,7 @@ class ReceiverResource(Resource):
             status, reason = 500, "internal error while storing; nothing was acknowledged"
         if status != 500:
             self.log.warn("refused a request: {status} {reason}", status=status, reason=reason)
+        _observe(request, status, reason)
         if gone:
             return
         answer: dict[str, Any] = {"error": reason}
@@ -570,6 +619,7 @@ def make_site(
     reactor: IReactorThreads,
     pool: ThreadPool,
     timeout: float = 60.0,
+    metrics: ServerMetrics | None = None,
     authenticator: Authenticator | None = None,
 ) -> tuple[ReceiverSite, ReceiverResource]:
     """The site serving ``storage``, and its resource (to flag shutdown).
@@ -577,7 +627,10 @@ def make_site(
     With an ``authenticator``, requests that store must be signed by a
     client it knows (unless it allows anonymous ones); ``GET`` needs none.
     """
-    resource = ReceiverResource(Receiver(storage, limits), reactor, pool, authenticator)
+    resource = ReceiverResource(
+        Receiver(storage, limits, metrics=metrics), reactor, pool, authenticator
+    )
     site = ReceiverSite(resource, limits, storage.tmp_dir, authenticator, timeout=timeout)
     os.makedirs(storage.tmp_dir, mode=0o700, exist_ok=True)
+    site.metrics = resource.receiver.metrics
     return site, resource

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from dropr import logs
 from dropr.auth import (
     Authenticator,
     CredentialsError,
@@ -21,7 +22,9 @@ from dropr.auth import (
 )
 from dropr.errors import StorageLocked
 from dropr.filestorage import FilesystemStorage
+from dropr.metrics import ServerMetrics, StatsReader
 from dropr.receiver import Limits, ReceiverResource, make_site
+from dropr.statuspage import MonitoringRoot, server_pages
 from dropr.tls import TLSConfigError, check_endpoint_key, is_local_endpoint
 
 
@@ -38,6 +41,12 @@ def _size(text: str) -> int:
     if value < 0:
         raise usage.UsageError(f"a size cannot be negative: {text!r}")
     return value
+
+
+def _log_format(text: str) -> str:
+    if text not in logs.FORMATS:
+        raise usage.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}")
+    return text
 
 
 class Options(usage.Options):
@@ -58,6 +67,13 @@ class Options(usage.Options):
         ["dedup-window", None, 7 * 86400.0, "Seconds a stored id is remembered.", float],
         ["threads", None, 4, "Threads for disk work.", int],
         ["timeout", None, 60.0, "Seconds an idle or stalled connection is kept.", float],
+        [
+            "log-format",
+            None,
+            "text",
+            "Log lines as text, or json (one JSON object per line).",
+            _log_format,
+        ],
         ["request-timeout", None, 300.0, "Seconds a request may take to arrive whole.", float],
         ["max-connections", None, 1000, "Most connections open at once.", int],
         ["credentials", None, None, "File of client identities and secrets (owner-only)."],
@@ -106,6 +122,10 @@ class ServerService(service.MultiService):
     """Owns the store, the thread pool and the listening ports."""
 
     log = Logger()
+    #: The log observer twistd is to use (--log-format), or None for its own.
+    log_observer: logs.JSONLinesObserver | None = None
+    #: Reads the store's figures for the metrics; closed with the service.
+    stats_reader: StatsReader | None = None
 
     def __init__(
         self, storage: FilesystemStorage, resource: ReceiverResource, pool: ThreadPool
@@ -114,6 +134,10 @@ class ServerService(service.MultiService):
         self.storage = storage
         self.resource = resource
         self.pool = pool
+
+    def setServiceParent(self, parent: Any) -> Any:
+        logs.attach(parent, self.log_observer)
+        return super().setServiceParent(parent)
 
     def startService(self) -> None:
         self.pool.start()
@@ -129,6 +153,8 @@ class ServerService(service.MultiService):
         def finish(result: object) -> object:
             self.pool.stop()
             self.storage.close()
+            if self.stats_reader is not None:
+                self.stats_reader.close()
             self.log.info("dropr-server stopped")
             return result
 
@@ -182,6 +208,10 @@ def makeService(options: Options, reactor: Any = None) -> ServerService:
         request_timeout=options["request-timeout"],
         max_connections=options["max-connections"],
     )
+    # The store's figures for /metrics come from a storage of their own,
+    # so that a walk of the store never holds up an add.
+    stats_reader = StatsReader(store)
+    metrics = ServerMetrics(stats_reader)
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="dropr-disk")
     site, resource = make_site(
         storage,
@@ -189,9 +219,14 @@ def makeService(options: Options, reactor: Any = None) -> ServerService:
         reactor,
         pool,
         timeout=options["timeout"],
+        metrics=metrics,
         authenticator=authenticator,
     )
     top = ServerService(storage, resource, pool)
+    top.stats_reader = stats_reader
+    top.log_observer = logs.observer_for(options["log-format"], getattr(options, "parent", None))
+    # /metrics, /stats and /status beside the receiver's own pages.
+    site.resource = MonitoringRoot(resource, server_pages(metrics, reactor))
     upkeep = TimerService(1.0, _maintain, reactor, pool, storage)
     upkeep.clock = reactor
     upkeep.setServiceParent(top)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, LogLevel
 
+import dropr
 from dropr import logs
 from dropr.filestorage import FilesystemStorage
-from dropr.ids import new_ids
+from dropr.ids import id_at, new_ids
 from dropr.interfaces import QueueStats
 from dropr.message import Message
 from dropr.metrics import (
@@ -27,6 +31,8 @@ from dropr.metrics import (
     ServerMetrics,
     StatsCache,
 )
+from dropr.testing import ClientProcess, ServerProcess, free_port, wait_until
+from dropr.wire import CONTENT_TYPE, encode_batch
 
 
 class FakeClock:
@@ -296,3 +302,183 @@ def check_log_format_option(tmp_path: Path) -> None:
     app = Application("dropr-server")
     logs.attach(app, to_file)
     assert app.getComponent(ILogObserver) is to_file
+
+
+# -- real daemons, scraped over HTTP ---------------------------------------------------
+
+
+def http(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
+    """``(status, body)`` of a GET (or a POST of ``data``)."""
+    req = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read(), r.headers.get("content-type")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), e.headers.get("content-type")
+
+
+def post_batch(url: str, messages: list[Message]) -> dict[str, Any]:
+    status, body, _ = http(url, encode_batch(messages), {"Content-Type": CONTENT_TYPE})
+    assert status == 200, body
+    return dict(json.loads(body))
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_real_server_counts_and_logs_json(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    server = ServerProcess(
+        str(tmp_path / "store"),
+        str(log),
+        extra=["--log-format", "json", "--dedup-window", "3600", "--max-request", "64K"],
+    ).start_and_wait()
+    try:
+        ids = new_ids(5)
+        batch = [Message(i, b"order %d" % n, "orders") for n, i in enumerate(ids[:4])]
+        assert sorted(post_batch(server.url, batch)["stored"]) == sorted(ids[:4])
+        # Again: recognised by id, answered stored, not stored twice.
+        assert len(post_batch(server.url, batch)["stored"]) == 4
+        too_old = Message(id_at(time.time() - 7200), b"late", "mail")
+        ahead = Message(id_at(time.time() + 7200), b"early", "mail")
+        answer = post_batch(server.url, [too_old, ahead, Message(ids[4], b"m", "mail")])
+        assert answer["stored"] == [ids[4]] and len(answer["rejected"]) == 2
+        assert http(server.url + "?channel=..%2Fetc", b"x")[0] == 400
+        assert http(server.url, b"x" * 70_000)[0] == 413
+
+        status, body, ctype = http(server.url + "metrics")
+        assert status == 200 and ctype.startswith("text/plain")
+        got = samples(body)
+        orders = (("channel", "orders"),)
+        assert got[("dropr_server_stored_messages_total", orders)] == 4
+        assert got[("dropr_server_duplicate_messages_total", orders)] == 4
+        assert got[("dropr_server_stored_messages_total", (("channel", "mail"),))] == 1
+        assert got[("dropr_server_rejected_messages_total", (("reason", "too_old"),))] == 1
+        assert got[("dropr_server_rejected_messages_total", (("reason", "clock_skew"),))] == 1
+        assert got[("dropr_server_requests_total", (("code", "200"),))] == 3
+        assert got[("dropr_server_requests_total", (("code", "400"),))] == 1
+        assert got[("dropr_server_requests_total", (("code", "413"),))] == 1
+        assert got[("dropr_server_received_messages_total", ())] == 11
+        assert got[("dropr_server_request_seconds_count", ())] == 5
+        assert got[("dropr_server_sync_seconds_count", ())] == 3
+        assert got[("dropr_store_depth", orders)] == 4
+        assert got[("dropr_store_bytes", orders)] == sum(len(m.payload) for m in batch)
+        assert got[("dropr_store_depth", (("channel", "mail"),))] == 1
+
+        status, body, ctype = http(server.url + "stats")
+        stats = json.loads(body)
+        assert status == 200 and ctype == "application/json"
+        assert stats["channels"]["orders"]["depth"] == 4
+        assert stats["totals"]["stored"] == 5 and stats["totals"]["duplicates"] == 4
+        assert [e["status"] for e in stats["errors"]] == [413, 400]
+        assert "larger than this server's limit" in stats["errors"][0]["reason"]
+        assert stats["errors"][0]["peer"] == "127.0.0.1"
+        # The receiver's own pages are where they were.
+        assert json.loads(http(server.url + "health")[1]) == {"status": "ok"}
+        assert http(server.url + "nothing")[0] == 404
+    finally:
+        server.stop()
+    events = json_lines(log)
+    # The batch and its resend, each answered "stored" for all four.
+    first, _again = [e for e in events if e.get("stored") == 4 and e.get("ids") == ids[:4]]
+    assert first["level"] == "info" and first["text"].startswith("stored 4 messages")
+    assert first["namespace"] == "dropr.receiver.ReceiverResource"
+    assert first["peer"] == "127.0.0.1" and first["ms"] > 0
+    [third] = [e for e in events if e.get("rejected") == 2]
+    assert sorted(third["rejected_ids"]) == sorted([too_old.id, ahead.id])
+    # One line per batch: no event names a single message in its text.
+    assert not any(ids[0] in e["text"] for e in events)
+    assert any(e["text"] == "dropr-server stopped" for e in events)
+
+
+def test_a_real_client_serves_its_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    server = ServerProcess(str(tmp_path / "store"), str(tmp_path / "server.log")).start_and_wait()
+    log = tmp_path / "client.log"
+    client = ClientProcess(
+        str(tmp_path / "spool"),
+        str(log),
+        extra=["--metrics", f"tcp:{port}:interface=127.0.0.1", "--log-format", "json"],
+    )
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        with dropr.Spool(str(tmp_path / "spool")) as sp:
+            ids = sp.put_many([b"a", b"bb", b"ccc"], server.url, channel="orders")
+        client.start()
+        wait_until(lambda: stored(server.store) == 3, 30, what="3 messages in the store")
+        got: dict[Any, float] = {}
+
+        def scraped() -> bool:
+            got.update(samples(http(base + "metrics")[1]))
+            key = ("dropr_client_stored_messages_total", (("destination", server.url),))
+            return got.get(key) == 3
+
+        wait_until(scraped, 30, 0.2, "the client's metrics to count 3 stored")
+        dest = (("destination", server.url),)
+        assert got[("dropr_client_sent_bytes_total", dest)] == 6
+        assert got[("dropr_client_send_errors_total", dest)] == 0
+        assert got[("dropr_client_backoff", dest)] == 0
+        assert got[("dropr_client_batch_seconds_count", ())] >= 1
+        stats = json.loads(http(base + "stats")[1])
+        assert stats["service"] == "dropr-client"
+        assert stats["destinations"][server.url]["stored"] == 3
+        assert http(base + "status")[0] == 404  # the page is the server's
+
+        # The server goes away: the client counts its errors and backs off.
+        server.stop()
+        with dropr.Spool(str(tmp_path / "spool")) as sp:
+            sp.put(b"waits", server.url)
+
+        def backing_off() -> bool:
+            got.update(samples(http(base + "metrics")[1]))
+            return got[("dropr_client_backoff", dest)] == 1
+
+        wait_until(backing_off, 30, 0.2, "the client to back off")
+        assert got[("dropr_client_send_errors_total", dest)] >= 1
+        assert got[("dropr_client_consecutive_failures", dest)] >= 1
+
+        def spool_depth() -> bool:
+            got.update(samples(http(base + "metrics")[1]))
+            return got.get(("dropr_spool_depth", dest)) == 1
+
+        wait_until(spool_depth, 30, 0.5, "the spool's depth to show the waiting message")
+    finally:
+        client.stop()
+        server.stop()
+    events = json_lines(log)
+    [sent] = [e for e in events if e.get("ids") == ids]
+    assert sent["text"].startswith(f"sent 3 to {server.url}: 3 stored")
+    assert sent["destination"] == server.url and sent["count"] == 3
+    assert any(e["level"] == "warn" and "cannot deliver" in e["text"] for e in events)
+
+
+def stored(store: str) -> int:
+    with FilesystemStorage(store) as s:
+        return sum(q.depth for q in s.stats().values())
+
+
+def test_the_documented_metrics_exist() -> None:
+    """Every dropr_* name in docs/operations.rst and the Prometheus examples is served."""
+    server = ServerMetrics(lambda: {"orders": QueueStats(1, 1, 1.0, 0, 0)})
+    server.stored("orders", 2, 1, 1, 0.001)
+    server.rejected_messages({"invalid": 1})
+    server.answered(200, 0.01, 10, 1)
+    client = ClientMetrics(
+        lambda: {"http://a/": FakeSender()},  # type: ignore[dict-item]
+        lambda: {"http://a/": QueueStats(1, 1, 1.0, 0, 0)},
+    )
+    client.batch(FakeSender(), 1, 0, 0)  # type: ignore[arg-type]
+    served: set[str] = set()
+    for m in (server, client):
+        for family in text_string_to_metric_families(m.render_metrics().decode()):
+            served.add(family.name)
+            served.update(s.name for s in family.samples)
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    scrape = (docs / "examples" / "prometheus.yml").read_text()
+    for rules in re.findall(r"^  - (\S+\.yml)$", scrape, re.M):
+        assert (docs / "examples" / rules).exists(), rules
+    for page in ("operations.rst", "examples/dropr-alerts.yml"):
+        named = set(re.findall(r"\bdropr_[a-z_]+[a-z]", (docs / page).read_text()))
+        assert named, page
+        assert named <= served, f"{page} names metrics no daemon serves: {named - served}"
