@@ -27,7 +27,7 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import NamedTuple
@@ -55,6 +55,11 @@ _BUCKET_SETTLE = 10.0
 _BUCKET_MS = 1 << 12
 #: Memory the cache of read batch files may use, roughly.
 _CACHE_BYTES = 64 * 1024 * 1024
+#: (chaos) Seconds a batch marked fresh may still be on its way to a store
+#: after a resend of it was stored: its sender died with it in flight (say
+#: in a proxy) and its successor resent it.  Within this time of storing a
+#: resend, and of opening, "fresh" is not taken on trust.
+FRESH_DOUBT = 120.0
 #: What a cached message costs beyond its payload (objects, receipt, id).
 _MESSAGE_OVERHEAD = 400
 
@@ -264,6 +269,10 @@ class FilesystemStorage:
         self._closed = False
         #: (chaos) An add stored a batch but could not index its ids.
         self._dedup_behind = False
+        #: (chaos) Ids stored from resends in the last FRESH_DOUBT seconds.
+        self._resent: deque[tuple[float, list[str]]] = deque()
+        self._resent_ids: set[str] = set()
+        self._opened_at = time.monotonic()
         self._root_lock_fd = -1
         self.sole_taker = sole_taker
         self._pruned_at = time.monotonic()
@@ -433,7 +442,15 @@ class FilesystemStorage:
                             f"{self.dedup.window:g} seconds, so it may have been stored "
                             "already; nothing was stored. Fail it at the sender"
                         )
+                resend = not fresh
+                if fresh and time.monotonic() - self._opened_at < FRESH_DOUBT:
+                    # (chaos) It may have been sent before this store's
+                    # restart, and a resend of it stored by the last run.
+                    fresh = False
                 messages = self.dedup.unseen(messages, fresh)
+                if fresh and self._resent_ids:
+                    # (chaos) A resend of it may have arrived first.
+                    messages = [m for m in messages if m.id not in self._resent_ids]
             if not messages:
                 return []
             count = len(messages)
@@ -476,6 +493,8 @@ class FilesystemStorage:
             if self.dedup is not None:
                 try:
                     self.dedup.record([m.id for m in messages], written[-1][2].batch_id)
+                    if resend:
+                        self._remember_resent([m.id for m in messages])
                 except OSError:
                     # (chaos) The batch is stored but its ids are not indexed:
                     # the resend this error brings would be stored twice.  So
@@ -489,6 +508,15 @@ class FilesystemStorage:
                 at, c, b = self._usage
                 self._usage = (at, c + count, b + nbytes)
             return [m.id for m in messages]
+
+    def _remember_resent(self, ids: list[str]) -> None:
+        """(chaos) Keep the ids of a stored resend for FRESH_DOUBT seconds."""
+        now = time.monotonic()
+        self._resent.append((now, ids))
+        self._resent_ids.update(ids)
+        while self._resent and now - self._resent[0][0] > FRESH_DOUBT:
+            _at, old = self._resent.popleft()
+            self._resent_ids.difference_update(old)
 
     def _disk_full(self, e: OSError) -> StorageFull:
         return StorageFull(
