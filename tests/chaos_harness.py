@@ -18,7 +18,8 @@ Faults, at random instants from a seeded generator:
 * the proxy answers 500 or 503 itself, drops a request half-way, drops the
   answer after the server stored the batch, or delays it;
 * planted damage: truncated, bit-flipped and garbage batch files, stale
-  temporary files and torn state-log lines, in the spool and in the store;
+  temporary files, torn state-log lines and orphaned state logs, in the
+  spool and in the store;
 * disk full on the spool and on the store: the tmpfs is filled with a
   ballast file, held full, then emptied (without root, or where mounting is
   refused, the storages' own limits stand in: a spool limit the producers
@@ -442,22 +443,27 @@ class Chaos:
         self.chaos(c.messages, c.server_kills // 2, c.client_kills // 2, c.producer_kills // 2)
 
     def _soak_phases(self, seconds: float) -> None:
+        """Cycles of chaos, each followed by a full spool, a full store or a big restart."""
         c = self.cfg
         end = time.monotonic() + seconds
+        # A minute of chaos per cycle in a long soak, shorter in a short one.
+        span = min(60.0, max(15.0, seconds / 6))
         cycle = 0
         while time.monotonic() < end:
             cycle += 1
-            left = end - time.monotonic()
-            span = min(60.0, max(10.0, left))
-            kills = max(1, int(span / 4))
-            target = self.puts_logged() + int(span * c.rate * 0.8)
-            self.chaos(target, kills, kills, kills, deadline=time.monotonic() + span)
+            length = min(span, max(5.0, end - time.monotonic()))
+            kills = max(1, int(length / 4))
+            target = self.puts_logged() + int(length * c.rate * 0.8)
+            self.chaos(target, kills, kills, kills, deadline=time.monotonic() + length)
             if time.monotonic() >= end:
                 break
-            if cycle % 3 == 0:
+            step = cycle % 3
+            if step == 1 and c.disk_full:
+                self.spool_full()
+            elif step == 2 and c.disk_full:
+                self.store_full()
+            elif step == 0:
                 self.big_store_restart()
-            elif c.disk_full:
-                self.spool_full() if cycle % 2 else self.store_full()
 
     def chaos(
         self,
@@ -538,7 +544,15 @@ class Chaos:
         where = self.rng.choice(("spool", "store"))
         root = self.spool if where == "spool" else self.store
         kind = self.rng.choice(
-            ("truncated", "bitflip", "garbage", "truncated", "stale-tmp", "torn-state-line")
+            (
+                "truncated",
+                "bitflip",
+                "garbage",
+                "truncated",
+                "stale-tmp",
+                "torn-state-line",
+                "orphan-state",
+            )
         )
         if where == "spool":
             queue, dest = self.proxy.url, self.proxy.url
@@ -549,6 +563,8 @@ class Chaos:
                 chaos_plant.plant_damaged_batch(root, queue, kind, self.rng, destination=dest)
             elif kind == "stale-tmp":
                 chaos_plant.plant_stale_tmp(root)
+            elif kind == "orphan-state":
+                chaos_plant.plant_orphan_state(root, queue)
             elif chaos_plant.plant_torn_state_line(root, queue, self.rng) is None:
                 return
         except OSError as e:

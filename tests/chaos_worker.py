@@ -157,7 +157,7 @@ def produce(args: argparse.Namespace) -> int:
         if not armed:
             budget_at += n / args.rate
         while time.monotonic() < budget_at and not os.path.exists(killme):
-            time.sleep(min(0.05, budget_at - time.monotonic()))
+            time.sleep(max(0.0, min(0.05, budget_at - time.monotonic())))
         budget_at = max(budget_at, time.monotonic() - 1.0)
 
 

@@ -263,3 +263,24 @@ def test_verifier_passes_a_clean_run_and_wants_reasons_for_failures(tmp_path: Pa
             os.unlink(fdir / name)
     report = verify([str(plog)], [str(clog)], store)
     assert report.failed_without_reason == 1 and not report.ok
+
+
+def test_a_fresh_batch_arriving_after_its_resend_is_stored_once(tmp_path: Path) -> None:
+    # A client sends a batch marked fresh (never offered before), dies while
+    # it is on its way (the soak's proxy delayed it), and its successor
+    # resends the batch; the resend arrives first and is stored.  The late
+    # fresh copy must not be stored again, also after a server restart.
+    store = str(tmp_path / "store")
+    batch, other = messages(200), messages(50)
+    with FilesystemStorage(store, dedup=True, exclusive=True) as st:
+        assert len(st.add("orders", batch)) == 200  # the resend, not fresh
+        assert st.add("orders", batch, fresh=True) == []  # the late original
+        assert len(st.add("orders", other, fresh=True)) == 50
+    resent, late = messages(30), messages(30)
+    with FilesystemStorage(store, dedup=True, exclusive=True) as st:
+        st.add("orders", resent)
+    with FilesystemStorage(store, dedup=True, exclusive=True) as st:  # restarted
+        assert st.add("orders", resent, fresh=True) == []
+        assert len(st.add("orders", late, fresh=True)) == 30
+    ids = [c.id for c in scan(store).waiting]
+    assert len(ids) == len(set(ids)) == 310
