@@ -144,6 +144,7 @@ def procmon_command(tmp_path: Path, port: int) -> list[str]:
             continue
         word = word.replace("/var/lib/dropr", str(tmp_path / "lib"))
         word = word.replace("/var/log/dropr", str(tmp_path / "log"))
+        word = word.replace("/etc/dropr", str(tmp_path / "etc"))
         command.append(word.replace("tcp:8080", f"tcp:{port}:interface=127.0.0.1"))
     return command
 
@@ -151,6 +152,10 @@ def procmon_command(tmp_path: Path, port: int) -> list[str]:
 def test_procmon_command_restarts_the_server(tmp_path: Path) -> None:
     (tmp_path / "lib").mkdir()
     (tmp_path / "log").mkdir()
+    (tmp_path / "etc").mkdir()
+    clients = tmp_path / "etc" / "clients"  # the --credentials file, owner-only
+    clients.write_text("app1 " + "0" * 64 + "\n")
+    clients.chmod(0o600)
     port = free_port()
     pidfile = tmp_path / "lib" / "procmon-server.pid"
     lock = tmp_path / "lib" / "store" / "lock"
