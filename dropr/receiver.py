@@ -283,13 +283,21 @@ class ReceiverChannel(http.HTTPChannel):
     def _too_slow(self) -> None:
         self._deadline = None
         limit = self.site.limits.request_timeout  # type: ignore[attr-defined]
-        ReceiverResource.log.warn("refused a request: 408 slower than {limit} s", limit=limit)
+        ReceiverResource.log.warn(
+            "refused a request: 408 slower than {limit} s from {peer}",
+            limit=limit,
+            peer=str(self.transport.getPeer()) if self.transport is not None else "?",
+        )
+        for request in self.requests:
+            request._refused = True  # what still arrives is not kept
         head, body = _error_response(
             408, f"request not complete within {limit:g} seconds; send it faster"
         )
         if self.transport is not None:
             self.transport.write(head + body)
             self.transport.loseConnection()
+            # A peer that does not even read its answer is not waited for.
+            self._abortingCall = self.callLater(self.abortTimeout or 15, self.forceAbortClient)
 
 
 class _TooManyConnections(Protocol):
