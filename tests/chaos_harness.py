@@ -741,10 +741,10 @@ class Chaos:
                 self.findings.extend(d.unexpected)
         self.findings.extend(f"producer failed: {e}" for e in self.producer_errors)
         for d in (self.server, self.client):
-            text = d.log_text()
-            if "Unhandled Error" in text:
-                at = text.index("Unhandled Error")
-                self.findings.append(f"{d.name} logged an unhandled error: {text[at : at + 1500]}")
+            errors = unhandled_errors(d.log_text())
+            if errors:
+                said = "; ".join(f"{n} x {e}" for e, n in errors.most_common())
+                self.findings.append(f"{d.name} logged unhandled errors: {said}")
         checks = {}
         for name, root, kind in (("spool", self.spool, "spool"), ("store", self.store, "store")):
             result = fsck.check(root, kind=kind, repair=True)
@@ -790,6 +790,20 @@ class Chaos:
         self._stop_all()
         self.spool_area.close()
         self.store_area.close()
+
+
+def unhandled_errors(log: str) -> Counter[str]:
+    """The exceptions of the ``Unhandled Error`` tracebacks in a twistd log."""
+    found: Counter[str] = Counter()
+    for block in log.split("Unhandled Error")[1:]:
+        lines = []
+        for line in block.splitlines()[1:]:
+            if line and not line[0].isspace():
+                break  # the next log event
+            if line.strip():
+                lines.append(line.strip())
+        found[lines[-1] if lines else "(no traceback)"] += 1
+    return found
 
 
 def run(workdir: str, config: Config, say: Callable[[str], None] = print) -> Outcome:
