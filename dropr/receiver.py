@@ -547,12 +547,16 @@ class ReceiverResource(Resource):
         started: float,
     ) -> None:
         stored, rejected = result
+        claim: Claim | None = getattr(request, "claim", None)
         self.log.info(
-            "stored {stored} messages, rejected {rejected} in {ms:.1f} ms from {peer}",
+            "stored {stored} messages, rejected {rejected} in {ms:.1f} ms from {peer}{signed}",
             stored=len(stored),
             rejected=len(rejected),
             ms=(time.monotonic() - started) * 1000,
             peer=_peer(request),
+            # Who sent what: the store itself does not record the sender.
+            client=claim.identity if claim is not None else None,
+            signed=f" (client {claim.identity})" if claim is not None else "",
             ids=stored,
             rejected_ids=rejected,
         )

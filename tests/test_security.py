@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 import struct
@@ -571,6 +572,10 @@ def test_daemons_with_credentials_deliver_and_wrong_ones_keep_messages(tmp_path:
             assert stats.depth == 3 and stats.failed == 0
         assert not set(evil) & {m.id for m in got}
         assert "401" in bad.log_text()
+        # The server's log says which client stored what.
+        assert re.search(
+            r"stored \d+ messages, .* from 127\.0\.0\.1 \(client alice\)", server.log_text()
+        )
     finally:
         for p in (good, bad):
             if p is not None:
