@@ -98,6 +98,14 @@ def _observe(request: server.Request, status: int, reason: str = "", messages: i
     )
 
 
+def _observe_refusal(site: Any, status: int, reason: str, transport: Any) -> None:
+    """Count a refusal made before there is a request to count (431, 503)."""
+    metrics = getattr(site, "metrics", None)
+    if metrics is not None:
+        peer = getattr(transport.getPeer(), "host", "?") if transport is not None else "?"
+        metrics.answered(status, 0.0, 0, 0, reason, str(peer))
+
+
 def _peer(request: server.Request) -> str:
     return str(getattr(request.getClientAddress(), "host", "?"))
 
@@ -268,9 +276,9 @@ class ReceiverChannel(http.HTTPChannel):
         # twisted.web hangs up without a word on a request line or header
         # longer than it reads (16 KiB); say why.
         ReceiverResource.log.warn("refused a request: 431 a line of its head is too long")
-        head, body = _error_response(
-            431, f"request line or header longer than {self.MAX_LENGTH} bytes"
-        )
+        reason = f"request line or header longer than {self.MAX_LENGTH} bytes"
+        _observe_refusal(getattr(self, "site", None), 431, reason, self.transport)
+        head, body = _error_response(431, reason)
         if self.transport is not None:
             self.transport.write(head + body)
             self.transport.loseConnection()
@@ -288,11 +296,11 @@ class ReceiverChannel(http.HTTPChannel):
             limit=limit,
             peer=str(self.transport.getPeer()) if self.transport is not None else "?",
         )
+        reason = f"request not complete within {limit:g} seconds; send it faster"
         for request in self.requests:
             request._refused = True  # what still arrives is not kept
-        head, body = _error_response(
-            408, f"request not complete within {limit:g} seconds; send it faster"
-        )
+            _observe(request, 408, reason)
+        head, body = _error_response(408, reason)
         if self.transport is not None:
             self.transport.write(head + body)
             self.transport.loseConnection()
@@ -303,8 +311,13 @@ class ReceiverChannel(http.HTTPChannel):
 class _TooManyConnections(Protocol):
     """Answers 503 and hangs up: the server has as many connections as it takes."""
 
+    def __init__(self, site: Any = None) -> None:
+        self.site = site
+
     def connectionMade(self) -> None:
-        head, body = _error_response(503, "too many connections; retry later")
+        reason = "too many connections; retry later"
+        _observe_refusal(self.site, 503, reason, self.transport)
+        head, body = _error_response(503, reason)
         assert self.transport is not None
         self.transport.write(head + body)
         self.transport.loseConnection()
@@ -339,7 +352,7 @@ class ReceiverSite(server.Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.connections >= self.limits.max_connections:
-            return _TooManyConnections()
+            return _TooManyConnections(self)
         return super().buildProtocol(addr)
 
     def log(self, request: http.Request) -> None:

@@ -6,6 +6,7 @@ import io
 import json
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -482,3 +483,25 @@ def test_the_documented_metrics_exist() -> None:
         named = set(re.findall(r"\bdropr_[a-z_]+[a-z]", (docs / page).read_text()))
         assert named, page
         assert named <= served, f"{page} names metrics no daemon serves: {named - served}"
+
+
+def test_refusals_before_a_request_is_whole_are_counted(tmp_path: Path) -> None:
+    """431 (a head line too long) and 408 (too slow) are answered without a request."""
+    server = ServerProcess(
+        str(tmp_path / "store"), str(tmp_path / "server.log"), extra=["--request-timeout", "1"]
+    ).start_and_wait()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20_000 + b"\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 431")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+            assert s.recv(100).startswith(b"HTTP/1.1 408")
+        got = samples(http(server.url + "metrics")[1])
+        assert got[("dropr_server_requests_total", (("code", "431"),))] == 1
+        assert got[("dropr_server_requests_total", (("code", "408"),))] == 1
+        errors = json.loads(http(server.url + "stats")[1])["errors"]
+        assert [e["status"] for e in errors] == [408, 431]
+        assert errors[0]["reason"] == "request not complete within 1 seconds; send it faster"
+    finally:
+        server.stop()
