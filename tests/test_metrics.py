@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -32,7 +33,7 @@ from dropr.metrics import (
     ServerMetrics,
     StatsCache,
 )
-from dropr.testing import ClientProcess, ServerProcess, free_port, wait_until
+from dropr.testing import ClientProcess, ServerProcess, free_port, twistd_command, wait_until
 from dropr.wire import CONTENT_TYPE, encode_batch
 
 
@@ -505,3 +506,42 @@ def test_refusals_before_a_request_is_whole_are_counted(tmp_path: Path) -> None:
         assert errors[0]["reason"] == "request not complete within 1 seconds; send it faster"
     finally:
         server.stop()
+
+
+def test_twistd_logger_option_gives_json_lines_on_stdout(tmp_path: Path) -> None:
+    """``twistd --logger=dropr.logs.json_observer``, for setups that log stdout."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    proc = subprocess.Popen(
+        [
+            *twistd_command(),
+            "-n",
+            "--pidfile=",
+            "--logger=dropr.logs.json_observer",
+            "dropr-server",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--store",
+            str(tmp_path / "store"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def up() -> bool:
+            try:
+                return bool(http(url + "health")[0] == 200)
+            except OSError:
+                return False
+
+        wait_until(up, 30, 0.1, "the server")
+        ids = new_ids(2)
+        post_batch(url, [Message(i, b"x", "orders") for i in ids])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _err = proc.communicate(timeout=30)
+    events = [json.loads(line) for line in out.decode().splitlines()]
+    [stored] = [e for e in events if e.get("ids") == ids]
+    assert stored["text"].startswith("stored 2 messages") and stored["level"] == "info"
+    assert events[-1]["text"] == "Server Shut Down."
