@@ -115,7 +115,10 @@ class Outcome:
 
     def summary(self) -> str:
         lines = [self.report.summary(), f"disk full by: {self.disk_full_mode}"]
-        lines += [f"{k}: {v:.2f} s" for k, v in sorted(self.timings.items())]
+        lines += [
+            f"{k}: {v:.0f} messages" if k.endswith("_waiting") else f"{k}: {v:.2f} s"
+            for k, v in sorted(self.timings.items())
+        ]
         lines += [f"FINDING: {f}" for f in self.findings]
         lines.append(f"run took {self.seconds:.0f} s")
         return "\n".join(lines)
