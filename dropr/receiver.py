@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -217,20 +218,11 @@ def _error_response(
     return head, body
 
 
-class _Discard:
-    """Stands in for the body file of a refused request."""
+class _Discard(io.BytesIO):
+    """Stands in for the body file of a refused request: keeps nothing."""
 
-    def write(self, data: bytes) -> None:
-        pass
-
-    def seek(self, *args: object) -> None:
-        pass
-
-    def read(self, *args: object) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
+    def write(self, data: Any) -> int:
+        return len(data)
 
 
 class ReceiverChannel(http.HTTPChannel):
