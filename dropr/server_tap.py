@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -11,6 +12,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from dropr import logs
@@ -164,8 +166,17 @@ class ServerService(service.MultiService):
 def _maintain(reactor: Any, pool: ThreadPool, storage: FilesystemStorage) -> Any:
     d = deferToThreadPool(reactor, pool, storage.maintain)
     # A TimerService stops for good on an error: log it and carry on.
-    d.addErrback(lambda f: ServerService.log.failure("store upkeep failed", f))
+    d.addErrback(_upkeep_failed)
     return d
+
+
+def _upkeep_failed(failure: Failure) -> None:
+    error = failure.value
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        # Every second while the disk is full: one line, not a traceback.
+        ServerService.log.warn("store upkeep waits for disk space: {error}", error=str(error))
+    else:
+        ServerService.log.failure("store upkeep failed", failure)
 
 
 def _authenticator(options: Options) -> Authenticator | None:
