@@ -93,7 +93,11 @@ class ClientService(service.MultiService):
         self.options = options
         self.senders: dict[str, DestinationSender] = {}
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="dropr-spool")
-        self.started = time.time()
+        # A batch is "fresh" (never offered before) only if it was put after
+        # this start. Were the clock set back since an earlier run, messages
+        # that run sent could date after "now": start after the newest
+        # batch in the spool as well.
+        self.started = max(time.time(), spool.storage.newest_batch_time() + 0.001)
         self.notifier: FifoNotifier | None = None
         self._rescan = LoopingCall(self._rescan_safely)
         self._rescan.clock = reactor

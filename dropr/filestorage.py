@@ -1013,6 +1013,28 @@ class FilesystemStorage:
                         names.add(name)
             return sorted(names)
 
+    def newest_batch_time(self) -> float:
+        """The time in the newest batch id of any queue (0.0 if none).
+
+        Looks only at the last bucket of each priority, so it costs a few
+        listings whatever the size of the queues.
+        """
+        newest = ""
+        with self._mutex:
+            for qdir in _names(self.queues_dir):
+                qpath = os.path.join(self.queues_dir, qdir)
+                for p in self._priority_dirs(qpath):
+                    pdir = os.path.join(qpath, p)
+                    his = sorted(_names(pdir), reverse=True)
+                    for hi in his[:1]:
+                        los = sorted(_names(os.path.join(pdir, hi)), reverse=True)
+                        for lo in los[:1]:
+                            for name in _names(os.path.join(pdir, hi, lo)):
+                                bn = BatchName.parse(name)
+                                if bn is not None and bn.batch_id > newest:
+                                    newest = bn.batch_id
+        return id_time(newest) if newest else 0.0
+
     def queue_names(self) -> list[str]:
         """Names of the queues that have a directory; cheap (one cached listing)."""
         with self._mutex:
