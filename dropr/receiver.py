@@ -242,6 +242,11 @@ class ReceiverChannel(http.HTTPChannel):
         super().connectionMade()
         self.site.connections += 1  # type: ignore[attr-defined]
         self._counted = True
+        # Answers are small and written in pieces; Nagle's algorithm would
+        # hold the last piece back for the client's delayed ACK.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self._counted:
