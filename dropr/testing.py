@@ -66,6 +66,9 @@ class DaemonProcess:
         self.logfile = logfile
         self.cpu = cpu
         self.env = env
+        #: A command the daemon runs under, e.g. ``setpriv --reuid=...`` to
+        #: run it as another user.
+        self.wrapper: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DaemonProcess:
@@ -73,6 +76,7 @@ class DaemonProcess:
         cmd += self.args
         if self.cpu is not None and shutil.which("taskset"):
             cmd = ["taskset", "-c", str(self.cpu), *cmd]
+        cmd = [*self.wrapper, *cmd]
         env = dict(os.environ)
         if self.env:
             env.update(self.env)

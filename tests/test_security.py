@@ -942,3 +942,48 @@ def test_ids_carry_64_random_bits() -> None:
     tails = [int(i[16:], 16) for i in ids]
     assert max(tails).bit_length() == 64  # the random half uses all its bits
     assert len({t >> 48 for t in tails}) > 60_000 // 1000  # and is spread out
+
+
+def test_the_server_runs_as_an_unprivileged_user(tmp_path: Path) -> None:
+    """Started as ``nobody`` (as systemd's User= would), it stores, and its files are nobody's."""
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to switch to another user")
+    nobody = pwd.getpwnam("nobody")
+    as_nobody = [
+        "setpriv",
+        f"--reuid={nobody.pw_uid}",
+        f"--regid={nobody.pw_gid}",
+        "--clear-groups",
+    ]
+    probe = subprocess.run([*as_nobody, sys.executable, "-c", "import dropr"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("this Python or dropr cannot be run by nobody (e.g. under /root)")
+    top = tempfile.mkdtemp(prefix="dropr-nobody-")  # tmp_path's parents are root's, 0700
+    try:
+        os.chown(top, nobody.pw_uid, nobody.pw_gid)
+        server = ServerProcess(os.path.join(top, "store"), os.path.join(top, "server.log"))
+        server.wrapper = as_nobody
+        server.start_and_wait()
+        try:
+            [message] = msgs(1)
+            request = urllib.request.Request(
+                server.url, data=encode_batch([message]), headers={"Content-Type": CONTENT_TYPE}
+            )
+            with urllib.request.urlopen(request, timeout=10) as r:
+                assert json.loads(r.read())["stored"] == [message.id]
+        finally:
+            server.stop()
+        made = [os.path.join(d, n) for d, ds, fs in os.walk(top) for n in [*ds, *fs]]
+        assert len(made) > 5
+        for path in made:
+            assert os.lstat(path).st_uid == nobody.pw_uid, path
+        assert _modes_are_private(os.path.join(top, "store")) == []
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -308,3 +308,34 @@ def test_twistd_daemons_over_https_with_credentials(tmp_path: Path, pki: PKI) ->
         if client is not None:
             client.stop()
         server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_openssl_recipe_of_the_docs_makes_a_working_ca(tmp_path: Path) -> Any:
+    """docs/security.rst's private CA, run as written (its IP replaced by 127.0.0.1)."""
+    if not shutil.which("openssl") or not shutil.which("bash"):
+        pytest.skip("needs openssl and bash")
+    text = (REPO / "docs" / "security.rst").read_text(encoding="utf-8")
+    section = text[text.index("A private certificate authority") : text.index("go to the server")]
+    commands = []
+    for block in section.split(".. code-block:: console")[1:]:
+        lines = [line.strip() for line in block.splitlines() if line.startswith("    ")]
+        joined = " ".join(line[:-1] if line.endswith("\\") else line for line in lines)
+        commands += [c.strip() for c in joined.split("$ ") if c.strip()]
+    assert len(commands) == 4
+    for command in commands:
+        command = command.replace("IP:10.0.0.5", "IP:127.0.0.1")
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, f"{command}\n{done.stderr}"
+    assert oct(os.stat(tmp_path / "key.pem").st_mode & 0o777) == "0o600"
+    server = TLSServer(tmp_path, str(tmp_path / "key.pem"), str(tmp_path / "cert.pem"))
+    transport = HTTPTransport(reactor, context_factory=client_policy(str(tmp_path / "ca.pem")))
+    try:
+        results = yield transport.send(server.url, msgs(2), False)
+        assert all(r.stored for r in results)
+        assert server.depth() == 2
+    finally:
+        yield transport.close()
+        yield server.stop()
