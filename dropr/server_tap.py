@@ -186,10 +186,22 @@ def _authenticator(options: Options) -> Authenticator | None:
         for endpoint in options["listen"]:
             check_endpoint_key(endpoint)
         if not options["credentials"]:
-            return None  # anonymous: on loopback only, or explicitly allowed
+            # Anonymous: on loopback only, or explicitly allowed.
+            ServerService.log.info(
+                "dropr-server accepts unsigned requests ({why})",
+                why="--insecure-allow-anonymous"
+                if options["insecure-allow-anonymous"]
+                else "listening on this host only",
+            )
+            return None
         secrets = load_server_credentials(options["credentials"])
     except (CredentialsError, TLSConfigError) as e:
         raise SystemExit(f"dropr-server: {e}") from None
+    ServerService.log.info(
+        "dropr-server accepts requests signed by {count} clients{anonymous}",
+        count=len(secrets),
+        anonymous=", and unsigned ones" if options["insecure-allow-anonymous"] else "",
+    )
     return Authenticator(secrets, allow_anonymous=options["insecure-allow-anonymous"])
 
 

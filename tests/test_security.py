@@ -576,6 +576,7 @@ def test_daemons_with_credentials_deliver_and_wrong_ones_keep_messages(tmp_path:
         assert re.search(
             r"stored \d+ messages, .* from 127\.0\.0\.1 \(client alice\)", server.log_text()
         )
+        assert "accepts requests signed by 2 clients" in server.log_text()
     finally:
         for p in (good, bad):
             if p is not None:
