@@ -85,6 +85,17 @@ def rename_into(tmp_path: str, final_dir: str, name: str) -> None:
         os.rename(tmp_path, final)
 
 
+def remove_empty_dirs(*paths: str) -> None:
+    """Remove each directory in turn while they are empty; stop at the first that is not."""
+    for path in paths:
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                return
+            raise
+
+
 def pid_alive(pid: int) -> bool:
     """True if a process with ``pid`` exists (it may belong to another user)."""
     try:

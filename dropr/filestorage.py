@@ -39,7 +39,14 @@ from dropr import batchfile
 from dropr.batchfile import BatchName
 from dropr.dedup import DedupIndex
 from dropr.dirlisting import DirListing
-from dropr.durable import ensure_dir, fsync_dir, pid_alive, rename_into, write_new_file
+from dropr.durable import (
+    ensure_dir,
+    fsync_dir,
+    pid_alive,
+    remove_empty_dirs,
+    rename_into,
+    write_new_file,
+)
 from dropr.errors import InvalidMessage, StorageFull, StorageLocked, UnknownMessage
 from dropr.ids import id_time, new_id
 from dropr.interfaces import IStorage, QueueStats
@@ -892,13 +899,7 @@ class FilesystemStorage:
         q.logs.pop(bucket, None)
         q.scans.pop(bucket, None)
         self._listing.forget(bucket)
-        for d in (bucket, os.path.dirname(bucket)):
-            try:
-                os.rmdir(d)
-            except OSError as e:
-                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                    break
-                raise
+        remove_empty_dirs(bucket, os.path.dirname(bucket))
 
     def maintain(self) -> None:
         """Periodic upkeep of a store's daemon: dedup checkpoint and pruning.

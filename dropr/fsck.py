@@ -30,7 +30,6 @@ the middle).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -43,7 +42,7 @@ from typing import Any
 
 from dropr import batchfile
 from dropr.batchfile import BatchName
-from dropr.durable import fsync_dir, pid_alive, write_new_file
+from dropr.durable import fsync_dir, pid_alive, remove_empty_dirs, write_new_file
 from dropr.filestorage import FilesystemStorage, decode_queue
 from dropr.statelog import STATE_NAME, StateLog
 
@@ -381,13 +380,7 @@ class _Checker:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(bucket, STATE_NAME))
-        for d in (bucket, os.path.dirname(bucket)):
-            try:
-                os.rmdir(d)
-            except OSError as e:
-                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                    break
-                raise
+        remove_empty_dirs(bucket, os.path.dirname(bucket))
         with contextlib.suppress(FileNotFoundError):
             fsync_dir(os.path.dirname(os.path.dirname(bucket)))
         f.repaired, f.action = True, "removed the bucket"
