@@ -48,7 +48,7 @@ from dropr.durable import (
     write_new_file,
 )
 from dropr.errors import InvalidMessage, StorageFull, StorageLocked, UnknownMessage
-from dropr.ids import id_time, new_id
+from dropr.ids import advance_to, id_time, new_id
 from dropr.interfaces import IStorage, QueueStats
 from dropr.message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
 from dropr.statelog import STATE_NAME, StateLog, format_indexes, line
@@ -273,6 +273,8 @@ class FilesystemStorage:
         self._cache_bytes = 0
         self._usage: tuple[float, int, int] | None = None
         self._bucket_usage: dict[str, tuple[int, int, int, int]] = {}
+        #: Buckets whose directory chain this process knows to be durable.
+        self._settled_dirs: set[str] = set()
         self._closed = False
         #: (chaos) An add stored a batch but could not index its ids.
         self._dedup_behind = False
@@ -298,6 +300,9 @@ class FilesystemStorage:
             self.dedup = DedupIndex(
                 os.path.join(self.path, "ids"), window=dedup_window, clock=clock
             )
+            # Batch ids must never fall below the checkpoint, whatever the
+            # clock did while the store was closed (see ids.advance_to).
+            advance_to(self.dedup.checkpoint_ms + 1)
         self.recover()
 
     # -- opening and recovery -------------------------------------------------
@@ -483,6 +488,9 @@ class FilesystemStorage:
                 for tmp, bucket, name in written:
                     if ensure_dir(bucket):
                         self._listing.forget(os.path.dirname(os.path.dirname(bucket)))
+                        self._settled_dirs.add(bucket)
+                    elif bucket not in self._settled_dirs:
+                        self._settle_dir(bucket)
                     rename_into(tmp, bucket, str(name))
                     placed.append(os.path.join(bucket, str(name)))
                     synced.add(bucket)
@@ -559,6 +567,22 @@ class FilesystemStorage:
             raise self._disk_full(e) from e
         self._dedup_behind = False
         self.log.info("indexed the ids stored while the disk was full")
+
+    def _settle_dir(self, bucket: str) -> None:
+        """Sync the chain of directories above ``bucket`` up to the root.
+
+        Another process may have made the bucket (or a parent) and not yet
+        synced its entry; syncing the bucket alone would then not make a
+        batch renamed into it durable.  Once per bucket per process.
+        """
+        path = bucket
+        while len(path) > len(self.path):
+            parent = os.path.dirname(path)
+            fsync_dir(parent)
+            path = parent
+        self._settled_dirs.add(bucket)
+        if len(self._settled_dirs) > 10_000:
+            self._settled_dirs.clear()
 
     @staticmethod
     def _touch_wake(qpath: str) -> None:

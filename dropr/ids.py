@@ -50,6 +50,20 @@ def new_id(now: float | None = None) -> str:
     return f"{ms:012x}{counter:04x}{os.urandom(8).hex()}"
 
 
+def advance_to(ms: int) -> None:
+    """Make every later id of this process date at or after ``ms``.
+
+    A store's dedup checkpoint says "every batch before this time is
+    indexed"; after a restart with the clock set back, new batch ids must
+    not fall below it.
+    """
+    global _last_ms, _counter
+    with _lock:
+        if ms > _last_ms:
+            _last_ms = ms
+            _counter = 0
+
+
 def new_ids(count: int) -> list[str]:
     """Return ``count`` new ids, strictly increasing, with one clock read."""
     now = time.time()

@@ -81,6 +81,8 @@ class DestinationSender:
         self._send_d: Deferred[Any] | None = None
         self._retry: IDelayedCall | None = None
         self._attempted: set[str] = set()
+        #: Messages this sender took and has not yet acked, failed or released.
+        self._held: dict[str, Message] = {}
 
     def _disk(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.pool, f, *args)
@@ -103,6 +105,11 @@ class DestinationSender:
 
     async def _run(self) -> None:
         try:
+            if self._held:
+                # A round that ended in an error (a full spool disk, say)
+                # left messages leased to this sender; as the spool's only
+                # taker it would skip them and send later ones first.
+                await self._settle(self.spool.release, list(self._held.values()))
             batch = await self._take()
             while batch and not self._stopping:
                 batch = await self._prepare(batch)
@@ -117,7 +124,7 @@ class DestinationSender:
                 following: list[Message] = await prefetch
                 if outcome != "sent":
                     if following:
-                        await self._disk(self.spool.release, following)
+                        await self._settle(self.spool.release, following)
                     if outcome == "backoff":
                         return
                     following = await self._take()
@@ -139,14 +146,45 @@ class DestinationSender:
 
     def _take(self) -> Deferred[list[Message]]:
         self._again = False
-        return self._disk(self.spool.take, self.destination, self.max_batch)
+        d: Deferred[list[Message]] = self._disk(self.spool.take, self.destination, self.max_batch)
+        return d.addCallback(self._hold)
+
+    def _hold(self, messages: list[Message]) -> list[Message]:
+        for m in messages:
+            self._held[m.id] = m
+        return messages
+
+    async def _settle(self, op: Callable[..., None], messages: list[Message], *args: Any) -> None:
+        """Ack, fail or release ``messages`` on the disk thread, and wait."""
+        await self._disk(op, messages, *args)
+        for m in messages:
+            self._held.pop(m.id, None)
+
+    def _settle_later(self, op: Callable[..., None], messages: list[Message], *args: Any) -> None:
+        """The same, without waiting: queued on the one disk thread, it runs
+        before any later take.  Should it fail, the messages count as held
+        again and are released before the next round."""
+        for m in messages:
+            self._held.pop(m.id, None)
+        d = self._disk(op, messages, *args)
+
+        def failed(failure: Any) -> None:
+            self._hold(messages)
+            self.log.warn(
+                "could not settle {count} messages for {destination}: {error}",
+                count=len(messages),
+                destination=self.destination,
+                error=str(failure.value),
+            )
+
+        d.addErrback(failed)
 
     async def _prepare(self, batch: list[Message]) -> list[Message]:
         """Fail what is too old and keep the batch within the byte limit."""
         now = self._clock()
         too_old = [m for m in batch if now - m.created > self.max_age]
         if too_old:
-            await self._disk(
+            await self._settle(
                 self.spool.fail,
                 too_old,
                 f"not delivered to {self.destination} within the maximum age of "
@@ -159,7 +197,7 @@ class DestinationSender:
         for n, m in enumerate(batch):
             size += len(m.payload)
             if size > self.max_batch_bytes and n > 0:
-                await self._disk(self.spool.release, batch[n:])
+                await self._settle(self.spool.release, batch[n:])
                 return batch[:n]
         return batch
 
@@ -175,7 +213,7 @@ class DestinationSender:
             await self._too_large(batch, str(e))
             return "again"
         except Exception as e:
-            await self._disk(self.spool.release, batch)
+            await self._settle(self.spool.release, batch)
             if self._stopping:
                 return "backoff"  # cancelled by stop(): no retry to announce
             self._back_off(f"{type(e).__name__}: {e}")
@@ -195,11 +233,11 @@ class DestinationSender:
                 retry.append(by_id[r.id])
         # Queued on the one disk thread, these run before any later take.
         if stored:
-            self.pool.callInThread(self.spool.ack, stored)
+            self._settle_later(self.spool.ack, stored)
         for reason, group in refused.items():
-            self.pool.callInThread(self.spool.fail, group, reason)
+            self._settle_later(self.spool.fail, group, reason)
         if retry:
-            self.pool.callInThread(self.spool.release, retry)
+            self._settle_later(self.spool.release, retry)
         failed = sum(len(g) for g in refused.values())
         self._forget(stored)
         for group in refused.values():
@@ -245,9 +283,9 @@ class DestinationSender:
                 reason=reason,
                 limit=self.max_batch,
             )
-            await self._disk(self.spool.release, batch)
+            await self._settle(self.spool.release, batch)
             return
-        await self._disk(self.spool.fail, batch, f"too large for {self.destination}: {reason}")
+        await self._settle(self.spool.fail, batch, f"too large for {self.destination}: {reason}")
         self.failed += 1
         self._forget(batch)
 

@@ -28,6 +28,8 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from dropr.durable import fsync_dir
+
 STATE_NAME = "state"
 
 
@@ -127,6 +129,7 @@ class StateLog:
         self.batches: dict[str, BatchState] = {}
         self._offset = 0
         self._needs_newline = False
+        self._entry_synced = False
         self.bad_lines = 0
 
     def refresh(self) -> None:
@@ -213,6 +216,11 @@ class StateLog:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
+        if sync and not self._entry_synced:
+            # A synced line is only durable once the file's directory entry
+            # is (another call may have made the file without a sync).
+            fsync_dir(os.path.dirname(self.path))
+            self._entry_synced = True
         self.refresh()
 
     def state(self, batch_id: str) -> BatchState:

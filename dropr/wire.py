@@ -120,6 +120,7 @@ def _parse(data: bytes | mmap.mmap, max_payload: int, max_messages: int) -> Pars
     messages, rejected, records = result.messages, result.rejected, result.records
     max_body = _HEAD.size + 64 + 0xFFFF + max_payload
     channels: dict[bytes, str] = {}
+    seen: set[str] = set()
     unpack_frame = _FRAME.unpack_from
     unpack_head = _HEAD.unpack_from
     crc32 = zlib.crc32
@@ -183,6 +184,12 @@ def _parse(data: bytes | mmap.mmap, max_payload: int, max_messages: int) -> Pars
                 f"of {max_payload} bytes"
             )
             continue
+        if message_id in seen:
+            # One id names one message: a second record with it is refused
+            # (it could differ in channel, priority or payload).
+            rejected.setdefault(message_id, "the same id appears twice in this request")
+            continue
+        seen.add(message_id)
         messages.append(Message(message_id, payload, channel, priority))
         if not dlen:
             records[message_id] = record

@@ -518,3 +518,21 @@ def test_taking_does_not_relist_unchanged_buckets(
     storage.close()
     directories = len(buckets) + len(hours) + 3  # + the queue, priority and queues/
     assert len(count_listings) <= directories, sorted(count_listings)
+
+
+def test_batch_ids_never_fall_below_the_dedup_checkpoint(tmp_path: Path) -> None:
+    """A clock set back across a restart must not date batches before the checkpoint."""
+    from dropr import ids
+
+    root = str(tmp_path / "store")
+    FilesystemStorage(root, dedup=True).close()
+    future_ms = int((time.time() + 3600) * 1000)
+    with open(os.path.join(root, "ids", "checkpoint"), "w") as f:
+        f.write(f"{future_ms}\n")
+    saved = (ids._last_ms, ids._counter)
+    try:
+        storage = FilesystemStorage(root, dedup=True)
+        assert ids.id_millis(ids.new_id()) > future_ms
+        storage.close()
+    finally:
+        ids._last_ms, ids._counter = saved

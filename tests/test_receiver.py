@@ -240,3 +240,16 @@ def test_a_form_body_is_a_payload_not_a_form(server: Server) -> Any:
     [m] = server.storage.take("orders", 10)
     assert (m.payload, m.priority, m.id) == (body, 3, answer["stored"][0])
     assert server.storage.queues() == ["orders"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_id_twice_in_one_request_is_stored_once(server: Server) -> Any:
+    [first] = msgs(1)
+    twin = Message(first.id, b"other payload", "audit", 1)
+    response = yield post(server.url, encode_batch([first, twin]))
+    answer = json.loads((yield response.content()))
+    assert answer["stored"] == [first.id]
+    assert "appears twice" in answer["rejected"][first.id]
+    [m] = server.storage.take("orders", 10)
+    assert (m.payload, m.channel, m.priority) == (first.payload, "orders", 5)
+    assert server.storage.take("audit", 10) == []
