@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["dropr", "dropr.*"]) + ["twisted.plugins"],
     package_data={
         "twisted": ["plugins/dropr_plugins.py"],
-        "dropr": ["py.typed", "static/*.html", "static/*.js"],
+        "dropr": ["py.typed"], "dropr.monitoring": ["static/*.html", "static/*.js"],
     },
     install_requires=[
         # [tls]: pyOpenSSL and service_identity, for ssl: endpoints and for
@@ -36,7 +36,7 @@ setup(
             "sphinx>=7",
         ],
     },
-    entry_points={"console_scripts": ["dropr = dropr.cli:main"]},
+    entry_points={"console_scripts": ["dropr = dropr.admin.cli:main"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import dropr
-from dropr.filestorage import FilesystemStorage
+from dropr.storage.files._storage import FilesystemStorage
 from dropr.testing import ClientProcess, ServerProcess, wait_until
 
 CHANNEL = "bench"

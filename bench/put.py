@@ -33,7 +33,7 @@ from typing import Any
 
 from _common import DEFAULT_BASE, DESTINATION, Scratch, emit, fmt_summary, log, machine, summary
 
-from dropr.spool import Spool
+from dropr.client._spool import Spool
 
 #: Untimed operations run in each fresh directory before the clock starts.
 WARMUP_OPS = 5

@@ -69,7 +69,7 @@ from _common import (
     summary,
 )
 
-from dropr.spool import DEFAULT_MAX_MESSAGES, Spool
+from dropr.client._spool import DEFAULT_MAX_MESSAGES, Spool
 
 PAYLOAD_SIZE = 200
 TAKE_LIMIT = 100

@@ -13,6 +13,9 @@ Consumers, on the receiving host::
     store.ack(messages)
 """
 
+from dropr._message import Message
+from dropr._store import Store
+from dropr.client._spool import Spool, put, put_deferred, put_many
 from dropr.errors import (
     DroprError,
     InvalidMessage,
@@ -21,9 +24,6 @@ from dropr.errors import (
     StorageLocked,
     UnknownMessage,
 )
-from dropr.message import Message
-from dropr.spool import Spool, put, put_deferred, put_many
-from dropr.store import Store
 
 __version__ = "0.1.0"
 

@@ -6,13 +6,13 @@ each with ``verifyObject``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from zope.interface import Attribute, Interface
 
-from dropr.message import Message
+from dropr._message import Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +52,16 @@ class IStorage(Interface):
     (0 first), then the order messages were added.
     """
 
-    def add(queue: str, messages: Sequence[Message], fresh: bool = False) -> list[str]:
+    def add(queue: str, messages: Sequence[Message]) -> list[str]:
         """Store ``messages`` (a sequence of ``Message``) in ``queue``.
 
         Returns the ids of the messages that were stored by this call.
         Durable on return: a crash or power loss after the return loses none
-        of them.  Idempotent by id where the storage keeps a dedup index: a
+        of them.  Idempotent by id where the storage keeps a dedup record: a
         message whose id is already known is not stored again, and its id is
-        not in the returned list.  ``fresh=True`` promises that none of the
-        ids was ever offered before, which lets a storage skip the lookup.
-        Raises ``StorageFull`` (storing nothing) when the limit is reached.
+        not in the returned list.  The record is the storage's own; no word
+        of the caller lets it skip the look-up.  Raises ``StorageFull``
+        (storing nothing) when the limit is reached.
         """
 
     def take(queue: str, limit: int, lease: float | None = None) -> list[Message]:
@@ -96,13 +96,81 @@ class IStorage(Interface):
         """Release files and locks.  The storage is unusable afterwards."""
 
 
+class IUsage(Interface):
+    """What a storage holds, cheaply: for limits, metrics and the status page."""
+
+    def usage() -> tuple[int, int]:
+        """``(messages, payload bytes)`` waiting (not acked or failed).
+
+        Kept as running figures, not counted by a walk of the storage, so it
+        may be called often; another process's changes may show a little late.
+        """
+
+
+class IReceivingStore(IStorage, IUsage):
+    """What dropr-server needs of a store, beyond ``IStorage``.
+
+    Exactly once rests on the store's own record of ids: ``store`` is
+    idempotent by id within ``dedup_window``, and refuses older ids.
+    """
+
+    dedup_window = Attribute("Seconds a stored id is remembered (float).")
+
+    def oldest_accepted_id() -> str:
+        """Ids that sort below this are older than the dedup window.
+
+        Such an id may have been stored and forgotten, so the server refuses
+        it (permanently) rather than risk storing it twice.
+        """
+
+    def store(
+        batches: Sequence[tuple[str, Sequence[Message]]],
+        records: Mapping[str, bytes] | None = None,
+    ) -> list[str]:
+        """Store one request's messages: ``(channel, messages)`` pairs.
+
+        All or nothing: on any error (``StorageFull``, ``InvalidMessage``,
+        a disk error) nothing of the call is stored.  Idempotent by id: ids
+        already stored are skipped.  Returns the ids stored by this call.
+        ``records`` may give, by id, a message already framed as the
+        storage's batch files hold it; a storage may write it as it is.
+        Durable on return.
+        """
+
+    def channel_count() -> int:
+        """How many channels exist (hold or held messages and are not yet removed)."""
+
+    def upkeep() -> None:
+        """The serving daemon's periodic work (about once a second, in a thread).
+
+        Checkpoints, pruning of ids older than the window, removal of
+        drained channels; never raises for a full disk.
+        """
+
+
+class ISpoolStorage(IStorage, IUsage):
+    """What dropr-client needs of its spool, beyond ``IStorage``."""
+
+    def queue_names() -> list[str]:
+        """Queues (destinations) that may hold messages; cheap, no walk."""
+
+
+class IWakeSource(Interface):
+    """Tells a consumer that a queue got messages, instead of polling."""
+
+    def watch(queue: str, callback: Callable[[], None], reactor: Any) -> Callable[[], None]:
+        """Call ``callback`` (in the reactor thread) after messages were added to ``queue``.
+
+        Returns a function that stops the watch.  A missed wake-up must only
+        delay a consumer until its next poll, never lose a message.
+        """
+
+
 class ITransport(Interface):
     """Carries batches of messages to a destination."""
 
-    def send(destination: str, messages: Sequence[Message], fresh: bool = False) -> Any:
+    def send(destination: str, messages: Sequence[Message]) -> Any:
         """Send ``messages`` to ``destination``; a Deferred of ``SendResult`` objects.
-
-        ``fresh`` says that none of the messages was ever sent before.
 
         Returns a Deferred that fires with a list of ``SendResult``, one per
         message, or fails when the destination could not be reached (in

@@ -2,7 +2,7 @@
 
 A batch is one ``POST`` to the destination URL with
 ``Content-Type: application/x-dropr-batch`` and a body in the batch file
-format of :mod:`dropr.batchfile` (magic, then framed, checksummed records;
+format of :mod:`dropr.storage._batchfile` (magic, then framed, checksummed records;
 the destination field is left empty).  ``X-Dropr-Fresh: 1`` tells the server
 that none of the messages was ever offered before, so it need not look
 their ids up in its dedup index.
@@ -40,9 +40,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from dropr.batchfile import MAGIC
+from dropr._message import MAX_PRIORITY, Message
 from dropr.interfaces import SendResult
-from dropr.message import MAX_PRIORITY, Message
+from dropr.storage._batchfile import MAGIC
 
 CONTENT_TYPE = "application/x-dropr-batch"
 FRESH_HEADER = "X-Dropr-Fresh"

@@ -48,10 +48,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dropr import fsck
-from dropr.faultproxy import FaultProxy
+from faultproxy import FaultProxy
+from verify import Report, scan, verify
+
+from dropr.admin import _fsck as fsck
 from dropr.testing import ClientProcess, DaemonProcess, ServerProcess, free_port
-from dropr.verify import Report, scan, verify
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

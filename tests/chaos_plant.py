@@ -18,14 +18,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dropr import batchfile
-from dropr.batchfile import BatchName
-from dropr.durable import ensure_dir, fsync_dir
-from dropr.filestorage import encode_queue
-from dropr.ids import new_id
-from dropr.message import Message
-from dropr.statelog import STATE_NAME, line
-from dropr.verify import make_planted_payload
+from verify import make_planted_payload
+
+from dropr._ids import new_id
+from dropr._message import Message
+from dropr.storage import _batchfile as batchfile
+from dropr.storage._batchfile import BatchName
+from dropr.storage.files._durable import ensure_dir, fsync_dir
+from dropr.storage.files._statelog import STATE_NAME, line
+from dropr.storage.files._storage import encode_queue
 
 DAMAGE_KINDS = ("truncated", "bitflip", "garbage")
 

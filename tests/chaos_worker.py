@@ -39,9 +39,9 @@ import traceback
 from typing import Any
 
 from twisted.logger import globalLogBeginner, textFileLogObserver
+from verify import check_payload, check_planted_payload, make_payload, sha256
 
 import dropr
-from dropr.verify import check_payload, check_planted_payload, make_payload, sha256
 
 CHANNELS = ("orders", "audit", "mail", "c-4")
 #: One message in this many is failed by the consumer (to fill the failed area).
@@ -105,7 +105,7 @@ def produce(args: argparse.Namespace) -> int:
             with open(args.limit_file) as f:
                 spool.storage.max_bytes = int(f.read().strip() or "0")
         else:
-            spool.storage.max_bytes = dropr.spool.DEFAULT_MAX_BYTES
+            spool.storage.max_bytes = dropr.client._spool.DEFAULT_MAX_BYTES
         n = 1 if rng.random() < 0.3 else rng.choice((2, 5, 20, 50, 100, 200, 400))
         # Armed by the harness: die by SIGKILL at a random instant of a big
         # put_many, the way a crash cuts one short.

@@ -45,10 +45,10 @@ import signal
 import sys
 import time
 
-from dropr.filestorage import FilesystemStorage
-from dropr.ids import new_id
-from dropr.message import Message
-from dropr.spool import Spool
+from dropr._ids import new_id
+from dropr._message import Message
+from dropr.client._spool import Spool
+from dropr.storage.files._storage import FilesystemStorage
 
 DESTINATIONS = ("http://central:8080/", "https://other.example:8443/")
 CHANNELS = ("orders", "audit", "c-3")
@@ -188,14 +188,14 @@ def run_store(root: str, log: SideLog, rng: random.Random, earlier: list[list[st
     log.write("S", str(os.getpid()))
     print("ready", flush=True)
 
-    def offer(ids: list[str], fresh: bool) -> None:
+    def offer(ids: list[str], new: bool = False) -> None:
         by_channel: dict[str, list[Message]] = {}
         for i in ids:
             m = Message(i, store_payload(i), store_channel(i), store_priority(i))
             by_channel.setdefault(m.channel, []).append(m)
-        log.write("I" if fresh else "N", *ids)
+        log.write("I" if new else "N", *ids)
         for channel, group in by_channel.items():
-            stored = storage.add(channel, group, fresh=fresh)
+            stored = storage.add(channel, group)
             if stored:
                 log.write("P", *stored)
 
@@ -206,15 +206,15 @@ def run_store(root: str, log: SideLog, rng: random.Random, earlier: list[list[st
     returned = {i for fields in earlier if fields[0] == "P" for i in fields[1:]}
     pending = [i for i in known if i not in returned]
     if pending:
-        offer(pending, fresh=False)
+        offer(pending)
     while True:
         r = rng.random()
         if r < 0.35:
             ids = [new_id() for _ in range(rng.randint(1, 30))]
             known.extend(ids)
-            offer(ids, fresh=True)
+            offer(ids, new=True)
         elif r < 0.5 and known:
-            offer(rng.sample(known, min(len(known), rng.randint(1, 10))), fresh=False)
+            offer(rng.sample(known, min(len(known), rng.randint(1, 10))))
         else:
             consume(rng, log, storage, rng.choice(CHANNELS))
 

@@ -8,9 +8,9 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
-from dropr.auth import Authenticator
-from dropr.filestorage import FilesystemStorage
-from dropr.receiver import Limits, make_site
+from dropr.daemon._auth import Authenticator
+from dropr.server._receiver import Limits, make_site
+from dropr.storage.files._storage import FilesystemStorage
 
 
 class Server:

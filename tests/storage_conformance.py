@@ -27,10 +27,10 @@ import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
+from dropr._ids import new_id, new_ids
+from dropr._message import Message
 from dropr.errors import InvalidMessage, PayloadTooLarge, StorageFull, UnknownMessage
-from dropr.ids import new_id, new_ids
 from dropr.interfaces import IStorage, QueueStats
-from dropr.message import Message
 
 QUEUE = "orders"
 #: A spool's queues are destinations: names that are no file names.
@@ -41,7 +41,7 @@ _EMPTY = QueueStats(depth=0, bytes=0, oldest_age=0.0, taken=0, failed=0)
 class Storage(Protocol):
     """What the suite calls: ``IStorage`` with its types spelled out."""
 
-    def add(self, queue: str, messages: Sequence[Message], fresh: bool = False) -> list[str]: ...
+    def add(self, queue: str, messages: Sequence[Message]) -> list[str]: ...
     def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]: ...
     def ack(self, messages: Iterable[Message]) -> None: ...
     def release(self, messages: Iterable[Message]) -> None: ...
@@ -427,10 +427,10 @@ class StorageConformance:
         assert storage.add(QUEUE, sent) == []
         assert take_all(storage) == []
 
-    def test_fresh_add_records_ids(self, backend: Backend) -> None:
+    def test_add_records_ids(self, backend: Backend) -> None:
         storage = backend.open()
         sent = make(3)
-        assert storage.add(QUEUE, sent, fresh=True) == ids(sent)
+        assert storage.add(QUEUE, sent) == ids(sent)
         assert storage.add(QUEUE, sent) == []
         assert storage.add(QUEUE, sent[1:]) == []
         assert ids(take_all(storage)) == ids(sent)

@@ -24,13 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from verify import make_payload, scan, sha256, verify
 
 import dropr
+from dropr._ids import new_id
+from dropr._message import Message
 from dropr.errors import StorageFull
-from dropr.filestorage import FilesystemStorage
-from dropr.ids import new_id
-from dropr.message import Message
-from dropr.verify import make_payload, scan, sha256, verify
+from dropr.storage.files._storage import FilesystemStorage
 
 sys.path.insert(0, os.path.dirname(__file__))
 import chaos_harness
@@ -102,11 +102,11 @@ def test_store_full_while_indexing_ids_stores_a_resend_once(tmp_path: Path) -> N
     with tmpfs(store / "ids", "64k"):
         storage = FilesystemStorage(str(store), dedup=True)
         try:
-            storage.add("orders", messages(10), fresh=True)
+            storage.add("orders", messages(10))
             fill(store / "ids")
             batch = messages(300)
             with pytest.raises(OSError):
-                storage.add("orders", batch, fresh=True)
+                storage.add("orders", batch)
             with pytest.raises(StorageFull):
                 storage.add("orders", batch)  # the resend, while still full
             os.unlink(store / "ids" / "ballast")
@@ -152,18 +152,18 @@ def test_store_opens_on_a_full_disk_and_catches_up_when_there_is_room(tmp_path: 
     with tmpfs(area, "2m"):
         old = messages(50)
         with FilesystemStorage(str(store), dedup=True, exclusive=True) as st:
-            st.add("orders", old, fresh=True)
+            st.add("orders", old)
         os.unlink(store / "ids" / "checkpoint")  # so the open has ids to index again
         fill(area)
         storage = FilesystemStorage(str(store), dedup=True, exclusive=True)
         try:
             with pytest.raises(StorageFull):
-                storage.add("orders", messages(5), fresh=True)
+                storage.add("orders", messages(5))
             storage.maintain()  # still full: no checkpoint, no error
             os.unlink(area / "ballast")
             storage.maintain()
             assert storage.add("orders", old) == []  # the resend is recognised
-            assert len(storage.add("orders", messages(5), fresh=True)) == 5
+            assert len(storage.add("orders", messages(5))) == 5
         finally:
             storage.close()
         ids = [c.id for c in scan(str(store)).waiting]
@@ -172,8 +172,8 @@ def test_store_opens_on_a_full_disk_and_catches_up_when_there_is_room(tmp_path: 
 
 CRASH_IN_RECOVERY = """
 import os, sys
-from dropr.dedup import DedupIndex
-from dropr.filestorage import FilesystemStorage
+from dropr.storage.files._dedup import DedupIndex
+from dropr.storage.files._storage import FilesystemStorage
 real = DedupIndex.record
 calls = []
 def record(self, ids, batch_id=None):
@@ -194,8 +194,8 @@ def test_a_kill_during_recovery_leaves_no_batch_unindexed(tmp_path: Path) -> Non
     store = str(tmp_path / "store")
     earlier, later = messages(3, "zz"), messages(3, "aa")
     with FilesystemStorage(store, dedup=True, exclusive=True) as st:
-        st.add("zz", earlier, fresh=True)
-        st.add("aa", later, fresh=True)
+        st.add("zz", earlier)
+        st.add("aa", later)
     for name in os.listdir(tmp_path / "store" / "ids"):
         os.unlink(tmp_path / "store" / "ids" / name)  # the index lost, as if never synced
     child = subprocess.run([sys.executable, "-c", CRASH_IN_RECOVERY, store], timeout=60)
@@ -274,13 +274,13 @@ def test_a_fresh_batch_arriving_after_its_resend_is_stored_once(tmp_path: Path) 
     batch, other = messages(200), messages(50)
     with FilesystemStorage(store, dedup=True, exclusive=True) as st:
         assert len(st.add("orders", batch)) == 200  # the resend, not fresh
-        assert st.add("orders", batch, fresh=True) == []  # the late original
-        assert len(st.add("orders", other, fresh=True)) == 50
+        assert st.add("orders", batch) == []  # the late original
+        assert len(st.add("orders", other)) == 50
     resent, late = messages(30), messages(30)
     with FilesystemStorage(store, dedup=True, exclusive=True) as st:
         st.add("orders", resent)
     with FilesystemStorage(store, dedup=True, exclusive=True) as st:  # restarted
-        assert st.add("orders", resent, fresh=True) == []
-        assert len(st.add("orders", late, fresh=True)) == 30
+        assert st.add("orders", resent) == []
+        assert len(st.add("orders", late)) == 30
     ids = [c.id for c in scan(store).waiting]
     assert len(ids) == len(set(ids)) == 310

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 import dropr
-from dropr import cli
-from dropr.filestorage import FilesystemStorage
-from dropr.ids import new_ids
-from dropr.message import Message
+from dropr._ids import new_ids
+from dropr._message import Message
+from dropr.admin import cli as cli
+from dropr.storage.files._storage import FilesystemStorage
 
 
 def run(
@@ -29,7 +29,7 @@ def run(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DROPR_")}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "dropr.cli", *args],
+        [sys.executable, "-m", "dropr.admin.cli", *args],
         input=stdin,
         capture_output=True,
         timeout=60,
@@ -225,7 +225,7 @@ def test_on_a_terminal_it_asks_and_shows_progress(tmp_path: Path) -> None:
     def on_a_terminal(answer: bytes, *args: str) -> tuple[int, bytes, bytes]:
         leader, follower = pty.openpty()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dropr.cli", *args],
+            [sys.executable, "-m", "dropr.admin.cli", *args],
             stdin=follower,
             stdout=subprocess.PIPE,
             stderr=follower,

@@ -1,4 +1,4 @@
-"""dropr.admin: the plain functions under ``dropr list/show/ack/fail/requeue/purge``.
+"""dropr.admin._admin: the plain functions under ``dropr list/show/ack/fail/requeue/purge``.
 
 Real spools and stores in ``tmp_path``, opened the way the command opens
 them: beside the owner, without its lock.
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 import dropr
-from dropr import admin
-from dropr.cli_common import Progress
-from dropr.filestorage import FilesystemStorage, encode_queue
-from dropr.ids import new_ids
-from dropr.message import Message
+from dropr._ids import new_ids
+from dropr._message import Message
+from dropr.admin import _admin as admin
+from dropr.admin._common import Progress
+from dropr.storage.files._storage import FilesystemStorage, encode_queue
 
 DEST = "http://central:8080/"
 

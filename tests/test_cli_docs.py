@@ -19,10 +19,10 @@ CLI_RST = REPO / "docs" / "cli.rst"
 EXAMPLE = REPO / "docs" / "examples" / "consume_shell.sh"
 sys.path.insert(0, str(REPO))
 
-from dropr import cli  # noqa: E402
-from dropr.filestorage import FilesystemStorage  # noqa: E402
-from dropr.ids import new_ids  # noqa: E402
-from dropr.message import Message  # noqa: E402
+from dropr._ids import new_ids  # noqa: E402
+from dropr._message import Message  # noqa: E402
+from dropr.admin import cli as cli  # noqa: E402
+from dropr.storage.files._storage import FilesystemStorage  # noqa: E402
 
 #: Documented by the page of its own author, not here.
 ELSEWHERE = {"fsck"}
@@ -37,14 +37,14 @@ def help_text(name: str) -> str:
     """What ``dropr NAME --help`` prints at 80 columns."""
     env = dict(os.environ, COLUMNS="80")
     done = subprocess.run(
-        [sys.executable, "-m", "dropr.cli", name, "--help"],
+        [sys.executable, "-m", "dropr.admin.cli", name, "--help"],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    return done.stdout.replace("python -m dropr.cli", "dropr").rstrip("\n")
+    return done.stdout.replace("python -m dropr.admin.cli", "dropr").rstrip("\n")
 
 
 def _block_re(name: str) -> re.Pattern[str]:

@@ -10,10 +10,10 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 import dropr
-from dropr.consumer import ChannelConsumer
-from dropr.filestorage import FilesystemStorage
-from dropr.ids import new_id
-from dropr.message import Message
+from dropr._consumer import ChannelConsumer
+from dropr._ids import new_id
+from dropr._message import Message
+from dropr.storage.files._storage import FilesystemStorage
 
 
 def _messages(n: int, channel: str = "orders") -> list[Message]:

@@ -44,8 +44,8 @@ from pathlib import Path
 import crash_child
 import pytest
 
-from dropr.filestorage import FilesystemStorage
-from dropr.message import Message
+from dropr._message import Message
+from dropr.storage.files._storage import FilesystemStorage
 
 KILLS = int(os.environ.get("DROPR_CRASH_KILLS", "25"))
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_child.py")

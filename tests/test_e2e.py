@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faultproxy import FaultProxy
 
 import dropr
-from dropr.faultproxy import FaultProxy
-from dropr.filestorage import FilesystemStorage
+from dropr.storage.files._storage import FilesystemStorage
 from dropr.testing import ClientProcess, ServerProcess, free_port, twistd_command, wait_until
 
 CHANNELS = ("orders", "audit", "mail")

@@ -14,15 +14,15 @@ from unittest import mock
 
 import pytest
 
-import dropr.filestorage
-from dropr import batchfile
-from dropr.batchfile import BatchName
-from dropr.dedup import DedupIndex
+import dropr.storage.files._storage
+from dropr._ids import new_id
+from dropr._message import Message
 from dropr.errors import StorageLocked
-from dropr.filestorage import FilesystemStorage
-from dropr.ids import new_id
-from dropr.message import Message
-from dropr.statelog import STATE_NAME, StateLog, format_indexes, line
+from dropr.storage import _batchfile as batchfile
+from dropr.storage._batchfile import BatchName
+from dropr.storage.files._dedup import DedupIndex
+from dropr.storage.files._statelog import STATE_NAME, StateLog, format_indexes, line
+from dropr.storage.files._storage import FilesystemStorage
 
 Q = "orders"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -347,7 +347,7 @@ def test_exclusive_names_the_process_that_holds_the_lock(tmp_path: Path) -> None
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from dropr.filestorage import FilesystemStorage\n"
+            "from dropr.storage.files._storage import FilesystemStorage\n"
             "s = FilesystemStorage(sys.argv[1], exclusive=True)\n"
             "print('locked', flush=True)\n"
             "time.sleep(60)\n",
@@ -386,10 +386,10 @@ def test_dedup_survives_reopen_ack_and_cleanup(tmp_path: Path) -> None:
     # consumed (a bucket goes only when the dedup checkpoint has passed it).
     old_batches = _SyntheticIds(int((clock.now - 3600) * 1000), step_ms=1)
     with (
-        mock.patch.object(dropr.filestorage, "new_id", old_batches),
+        mock.patch.object(dropr.storage.files._storage, "new_id", old_batches),
         FilesystemStorage(str(tmp_path), dedup=True, clock=clock) as storage,
     ):
-        assert storage.add(Q, messages, fresh=True) == [m.id for m in messages]
+        assert storage.add(Q, messages) == [m.id for m in messages]
     with FilesystemStorage(str(tmp_path), dedup=True, clock=clock) as storage:
         assert storage.add(Q, messages) == []
         assert storage.add(Q, [*messages, *make(1)]) != []
@@ -419,8 +419,8 @@ def _forget_index(root: Path) -> None:
 def test_dedup_recovery_reindexes_batches_whose_ids_were_not_recorded(tmp_path: Path) -> None:
     first, second = make(4), make(3, priority=2)
     with FilesystemStorage(str(tmp_path), dedup=True) as storage:
-        storage.add(Q, first, fresh=True)
-        storage.add("other", second, fresh=True)
+        storage.add(Q, first)
+        storage.add("other", second)
     _forget_index(tmp_path)
     with FilesystemStorage(str(tmp_path), dedup=True) as storage:
         assert storage.add(Q, first) == []
@@ -439,7 +439,7 @@ def test_dedup_recovery_after_a_crash_between_batch_and_index(tmp_path: Path) ->
         mock.patch.object(DedupIndex, "record", side_effect=OSError("disk gone")),
         pytest.raises(OSError),
     ):
-        storage.add(Q, messages, fresh=True)
+        storage.add(Q, messages)
     storage.close()
     if batch_paths(tmp_path) == []:
         pytest.skip("add took its batch back; nothing to recover")  # also fine for A2
@@ -488,7 +488,7 @@ def test_taking_does_not_relist_unchanged_buckets(
     directory is listed once, not once per take (promise A7)."""
     start_ms = int((time.time() - 3 * 86400) * 1000)
     ids = _SyntheticIds(start_ms, step_ms=40)
-    with mock.patch.object(dropr.filestorage, "new_id", ids):
+    with mock.patch.object(dropr.storage.files._storage, "new_id", ids):
         setup = FilesystemStorage(str(tmp_path))
         messages = make(1000)
         for m in messages:
@@ -522,7 +522,7 @@ def test_taking_does_not_relist_unchanged_buckets(
 
 def test_batch_ids_never_fall_below_the_dedup_checkpoint(tmp_path: Path) -> None:
     """A clock set back across a restart must not date batches before the checkpoint."""
-    from dropr import ids
+    from dropr import _ids as ids
 
     root = str(tmp_path / "store")
     FilesystemStorage(root, dedup=True).close()

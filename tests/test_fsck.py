@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from verify import check_planted_payload, make_payload
 
 import dropr
-from dropr import fsck
-from dropr.filestorage import FilesystemStorage
-from dropr.ids import new_id
-from dropr.message import Message
-from dropr.statelog import STATE_NAME
-from dropr.verify import check_planted_payload, make_payload
+from dropr._ids import new_id
+from dropr._message import Message
+from dropr.admin import _fsck as fsck
+from dropr.storage.files._statelog import STATE_NAME
+from dropr.storage.files._storage import FilesystemStorage
 
 sys.path.insert(0, os.path.dirname(__file__))
 import chaos_plant
@@ -28,7 +28,7 @@ DEST = "http://central:8080/"
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "dropr.cli", "fsck", *args], capture_output=True, timeout=60
+        [sys.executable, "-m", "dropr.admin.cli", "fsck", *args], capture_output=True, timeout=60
     )
 
 
@@ -114,7 +114,7 @@ def test_spool_damage_is_repaired_and_the_rest_flows(tmp_path: Path) -> None:
 def test_store_state_log_is_not_rewritten_and_torn_ids_are_cut(tmp_path: Path) -> None:
     root = tmp_path / "store"
     with FilesystemStorage(str(root), dedup=True) as st:
-        st.add("orders", [Message(new_id(), b"m%d" % i, "orders") for i in range(20)], fresh=True)
+        st.add("orders", [Message(new_id(), b"m%d" % i, "orders") for i in range(20)])
     with FilesystemStorage(str(root)) as st:
         st.ack(st.take("orders", 3))
     torn = chaos_plant.plant_torn_state_line(str(root), "orders", random.Random(1))
@@ -173,7 +173,7 @@ def test_no_repair_changes_nothing(tmp_path: Path) -> None:
 def test_failed_area_without_reason_gets_one(tmp_path: Path) -> None:
     root = tmp_path / "store"
     with FilesystemStorage(str(root), dedup=True) as st:
-        st.add("orders", [Message(new_id(), b"x", "orders")], fresh=True)
+        st.add("orders", [Message(new_id(), b"x", "orders")])
         st.fail(st.take("orders", 1), "bad order")
     fdir = root / "failed" / "orders"
     why = next(n for n in os.listdir(fdir) if n.endswith(".why"))

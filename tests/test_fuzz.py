@@ -18,11 +18,11 @@ import zlib
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dropr.batchfile import MAGIC
+from dropr._ids import new_id
+from dropr._message import Message, validate_channel
 from dropr.errors import InvalidMessage
-from dropr.filestorage import decode_queue, encode_queue, validate_queue
-from dropr.ids import new_id
-from dropr.message import Message, validate_channel
+from dropr.storage._batchfile import MAGIC
+from dropr.storage.files._storage import decode_queue, encode_queue, validate_queue
 from dropr.wire import WireError, _parse, encode_batch, parse_batch
 
 EXAMPLES = int(os.environ.get("DROPR_FUZZ_EXAMPLES", "300"))

@@ -20,12 +20,11 @@ from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, LogLevel
 
 import dropr
-from dropr import logs
-from dropr.filestorage import FilesystemStorage
-from dropr.ids import id_at, new_ids
+from dropr._ids import id_at, new_ids
+from dropr._message import Message
+from dropr.daemon import logs as logs
 from dropr.interfaces import QueueStats
-from dropr.message import Message
-from dropr.metrics import (
+from dropr.monitoring._metrics import (
     OTHER,
     ClientMetrics,
     LabelCap,
@@ -33,6 +32,7 @@ from dropr.metrics import (
     ServerMetrics,
     StatsCache,
 )
+from dropr.storage.files._storage import FilesystemStorage
 from dropr.testing import ClientProcess, ServerProcess, free_port, twistd_command, wait_until
 from dropr.wire import CONTENT_TYPE, encode_batch
 
@@ -385,7 +385,7 @@ def test_a_real_server_counts_and_logs_json(tmp_path: Path) -> None:
     # The batch and its resend, each answered "stored" for all four.
     first, _again = [e for e in events if e.get("stored") == 4 and e.get("ids") == ids[:4]]
     assert first["level"] == "info" and first["text"].startswith("stored 4 messages")
-    assert first["namespace"] == "dropr.receiver.ReceiverResource"
+    assert first["namespace"] == "dropr.server._receiver.ReceiverResource"
     assert first["peer"] == "127.0.0.1" and first["ms"] > 0
     [third] = [e for e in events if e.get("rejected") == 2]
     assert sorted(third["rejected_ids"]) == sorted([too_old.id, ahead.id])
@@ -509,7 +509,7 @@ def test_refusals_before_a_request_is_whole_are_counted(tmp_path: Path) -> None:
 
 
 def test_twistd_logger_option_gives_json_lines_on_stdout(tmp_path: Path) -> None:
-    """``twistd --logger=dropr.logs.json_observer``, for setups that log stdout."""
+    """``twistd --logger=dropr.daemon.logs.json_observer``, for setups that log stdout."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     proc = subprocess.Popen(
@@ -517,7 +517,7 @@ def test_twistd_logger_option_gives_json_lines_on_stdout(tmp_path: Path) -> None
             *twistd_command(),
             "-n",
             "--pidfile=",
-            "--logger=dropr.logs.json_observer",
+            "--logger=dropr.daemon.logs.json_observer",
             "dropr-server",
             "--listen",
             f"tcp:{port}:interface=127.0.0.1",

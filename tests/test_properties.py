@@ -18,20 +18,20 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-import dropr.filestorage
-import dropr.ids
-from dropr import batchfile
-from dropr.errors import InvalidMessage
-from dropr.filestorage import decode_queue, encode_queue, validate_queue
-from dropr.ids import id_millis, id_time, is_valid_id, new_id, new_ids
-from dropr.message import (
+import dropr._ids
+import dropr.storage.files._storage
+from dropr._ids import id_millis, id_time, is_valid_id, new_id, new_ids
+from dropr._message import (
     DESTINATION_MAX_LENGTH,
     Message,
     validate_channel,
     validate_destination,
 )
-from dropr.spool import Spool
-from dropr.statelog import format_indexes, parse_indexes
+from dropr.client._spool import Spool
+from dropr.errors import InvalidMessage
+from dropr.storage import _batchfile as batchfile
+from dropr.storage.files._statelog import format_indexes, parse_indexes
+from dropr.storage.files._storage import decode_queue, encode_queue, validate_queue
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 DEST = "http://central:8080/"
@@ -47,12 +47,12 @@ def _fresh_id_state() -> Iterator[None]:
     "last millisecond" in the future: every later id (and so every bucket
     other tests write) would inherit it.
     """
-    saved = dropr.ids._last_ms, dropr.ids._counter
-    dropr.ids._last_ms, dropr.ids._counter = 0, 0
+    saved = dropr._ids._last_ms, dropr._ids._counter
+    dropr._ids._last_ms, dropr._ids._counter = 0, 0
     try:
         yield
     finally:
-        dropr.ids._last_ms, dropr.ids._counter = saved
+        dropr._ids._last_ms, dropr._ids._counter = saved
 
 
 # Seconds since the epoch that fit the id's 48-bit millisecond field.
@@ -410,7 +410,7 @@ def test_take_returns_priority_order_then_fifo(
     seq = 0
     with (
         tempfile.TemporaryDirectory() as root,
-        mock.patch.object(dropr.filestorage, "new_id", batch_ids),
+        mock.patch.object(dropr.storage.files._storage, "new_id", batch_ids),
         Spool(root) as spool,
     ):
         for priority, count, step in puts:

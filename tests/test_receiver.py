@@ -16,9 +16,9 @@ import treq
 from inprocess import Server
 from twisted.internet import reactor
 
-from dropr.ids import new_id
-from dropr.message import Message
-from dropr.receiver import Limits
+from dropr._ids import new_id
+from dropr._message import Message
+from dropr.server._receiver import Limits
 from dropr.wire import CONTENT_TYPE, encode_batch
 
 

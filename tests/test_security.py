@@ -30,8 +30,11 @@ from twisted.internet.defer import ensureDeferred
 from twisted.python import usage
 
 import dropr
-from dropr import server_tap
-from dropr.auth import (
+from dropr._ids import id_at, new_id
+from dropr._message import Message
+from dropr.client._notifier import ensure_fifo
+from dropr.client._transport import DestinationUnavailable, HTTPTransport
+from dropr.daemon._auth import (
     CLIENT_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -44,14 +47,11 @@ from dropr.auth import (
     load_server_credentials,
     sign_request,
 )
-from dropr.filestorage import FilesystemStorage
-from dropr.ids import id_at, new_id
-from dropr.message import Message
-from dropr.notifier import ensure_fifo
-from dropr.receiver import Limits
+from dropr.daemon._tls import is_local_endpoint, parse_endpoint
+from dropr.server import tap as server_tap
+from dropr.server._receiver import Limits
+from dropr.storage.files._storage import FilesystemStorage
 from dropr.testing import ClientProcess, ServerProcess, wait_until
-from dropr.tls import is_local_endpoint, parse_endpoint
-from dropr.transport import DestinationUnavailable, HTTPTransport
 from dropr.wire import CONTENT_TYPE, FRESH_HEADER, WireError, decode_answer, encode_batch
 
 SECRET_A = b"a" * 16 + b"-secret-of-alice"
@@ -504,14 +504,14 @@ def test_the_transport_signs_and_a_refusal_keeps_the_messages(secured: Server) -
     wrong = HTTPTransport(reactor, credentials=Credentials("alice", SECRET_B))
     try:
         batch = msgs(3)
-        results = yield transport.send(secured.url, batch, True)
+        results = yield transport.send(secured.url, batch)
         assert all(r.stored for r in results)
         with pytest.raises(DestinationUnavailable, match="401"):
-            yield wrong.send(secured.url, msgs(2), False)
+            yield wrong.send(secured.url, msgs(2))
         unsigned = HTTPTransport(reactor)
         try:
             with pytest.raises(DestinationUnavailable, match="credentials"):
-                yield unsigned.send(secured.url, msgs(2), False)
+                yield unsigned.send(secured.url, msgs(2))
         finally:
             yield unsigned.close()
         assert secured.depth() == 3
@@ -886,7 +886,7 @@ def test_spool_and_store_are_owner_only_whatever_the_umask(
     store_path = str(tmp_path / "store")
     storage = FilesystemStorage(store_path, dedup=True)
     try:
-        storage.add("orders", msgs(3), fresh=False)
+        storage.add("orders", msgs(3))
         [m] = storage.take("orders", 1)
         storage.fail([m], "for the test")
         storage.maintain()
@@ -926,7 +926,7 @@ def test_daemons_refuse_a_world_writable_spool_or_store(tmp_path: Path) -> None:
     options.parseOptions(["--store", str(tmp_path / "store"), "-l", "tcp:0:interface=127.0.0.1"])
     with pytest.raises(SystemExit, match="writable by every user"):
         server_tap.makeService(options)
-    from dropr import client_tap
+    from dropr.client import tap as client_tap
 
     options = client_tap.Options()
     options.parseOptions(["--spool", str(tmp_path / "spool")])

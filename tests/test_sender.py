@@ -14,13 +14,13 @@ from twisted.internet import defer, reactor, task
 from twisted.python.threadpool import ThreadPool
 
 import dropr
-from dropr.ids import id_at
+from dropr._ids import id_at
+from dropr._message import Message
+from dropr.client._sender import DestinationSender
+from dropr.client._transport import HTTPTransport
 from dropr.interfaces import ITransport
-from dropr.message import Message
-from dropr.receiver import Limits
-from dropr.sender import DestinationSender
+from dropr.server._receiver import Limits
 from dropr.testing import free_port
-from dropr.transport import HTTPTransport
 
 
 @pytest.fixture

@@ -13,13 +13,13 @@ import pytest
 import pytest_twisted
 
 import dropr
-import dropr.spool
+import dropr.client._spool
 from dropr import InvalidMessage, PayloadTooLarge, Spool, StorageFull
-from dropr.batchfile import BatchName
-from dropr.filestorage import FilesystemStorage, encode_queue
-from dropr.ids import is_valid_id, new_id
-from dropr.message import Message
-from dropr.notify import FIFO_NAME, poke
+from dropr._ids import is_valid_id, new_id
+from dropr._message import Message
+from dropr.client._notify import FIFO_NAME, poke
+from dropr.storage._batchfile import BatchName
+from dropr.storage.files._storage import FilesystemStorage, encode_queue
 
 DEST = "http://central:8080/"
 OTHER = "https://other.example:8443/"
@@ -28,11 +28,11 @@ OTHER = "https://other.example:8443/"
 @pytest.fixture(autouse=True)
 def _no_cached_spools() -> Iterator[None]:
     """``dropr.put`` keeps one Spool per path; start and end each test without."""
-    dropr.spool._spools.clear()
+    dropr.client._spool._spools.clear()
     yield
-    for spool in dropr.spool._spools.values():
+    for spool in dropr.client._spool._spools.values():
         spool.close()
-    dropr.spool._spools.clear()
+    dropr.client._spool._spools.clear()
 
 
 def take_all(spool: Spool, destination: str = DEST) -> list[dropr.Message]:

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 import dropr
-from dropr.ids import new_ids
-from dropr.message import Message
+from dropr._ids import new_ids
+from dropr._message import Message
 from dropr.testing import ServerProcess
 from dropr.wire import CONTENT_TYPE, encode_batch
 

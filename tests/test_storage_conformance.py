@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from dropr.errors import StorageLocked
-from dropr.filestorage import FilesystemStorage
-from dropr.memorystorage import MemoryStorage
-from dropr.sqlitestorage import SQLiteStorage
+from dropr.storage._memory import MemoryStorage
+from dropr.storage._sqlite import SQLiteStorage
+from dropr.storage.files._storage import FilesystemStorage
 
 # The suite's asserts live outside test modules: have pytest explain them too.
 pytest.register_assert_rewrite("storage_conformance")

@@ -29,13 +29,14 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 
 import dropr
-from dropr import client_tap, server_tap
-from dropr.ids import new_id
-from dropr.message import Message
-from dropr.receiver import Limits
+from dropr._ids import new_id
+from dropr._message import Message
+from dropr.client import tap as client_tap
+from dropr.client._transport import HTTPTransport
+from dropr.daemon._tls import TLSConfigError, client_policy, load_ca_certificates
+from dropr.server import tap as server_tap
+from dropr.server._receiver import Limits
 from dropr.testing import ClientProcess, ServerProcess, free_port, wait_until
-from dropr.tls import TLSConfigError, client_policy, load_ca_certificates
-from dropr.transport import HTTPTransport
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,7 +189,7 @@ def test_a_client_trusting_the_ca_file_delivers_over_https(tls_server: TLSServer
     transport = HTTPTransport(reactor, context_factory=client_policy(pki.ca))
     try:
         for url in (tls_server.url, tls_server.localhost_url):
-            results = yield transport.send(url, msgs(3), True)
+            results = yield transport.send(url, msgs(3))
             assert all(r.stored for r in results)
         assert tls_server.depth() == 6
     finally:
@@ -204,7 +205,7 @@ def test_a_certificate_from_an_untrusted_ca_is_refused(
     transport = HTTPTransport(reactor, context_factory=policy)
     try:
         with pytest.raises(Exception) as caught:
-            yield transport.send(tls_server.url, msgs(1), False)
+            yield transport.send(tls_server.url, msgs(1))
         assert "certificate verify failed" in str(caught.value) or "SSL" in repr(caught.value)
         assert tls_server.depth() == 0
     finally:
@@ -217,7 +218,7 @@ def test_a_certificate_for_another_name_is_refused(tmp_path: Path, pki: PKI) -> 
     transport = HTTPTransport(reactor, context_factory=client_policy(pki.ca))
     try:
         with pytest.raises(Exception) as caught:
-            yield transport.send(server.url, msgs(1), False)
+            yield transport.send(server.url, msgs(1))
         assert "127.0.0.1" in str(caught.value) or "SSL" in repr(caught.value)
         assert server.depth() == 0
     finally:
@@ -333,7 +334,7 @@ def test_the_openssl_recipe_of_the_docs_makes_a_working_ca(tmp_path: Path) -> An
     server = TLSServer(tmp_path, str(tmp_path / "key.pem"), str(tmp_path / "cert.pem"))
     transport = HTTPTransport(reactor, context_factory=client_policy(str(tmp_path / "ca.pem")))
     try:
-        results = yield transport.send(server.url, msgs(2), False)
+        results = yield transport.send(server.url, msgs(2))
         assert all(r.stored for r in results)
         assert server.depth() == 2
     finally:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dropr import client_tap, server_tap
+from dropr.client import tap as client_tap
+from dropr.server import tap as server_tap
 
 UNITS = Path(__file__).parent.parent / "contrib" / "systemd"
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 
 import dropr
-from dropr.filestorage import FilesystemStorage
+from dropr.storage.files._storage import FilesystemStorage
 
 
 def main(spool_dir: str, store_dir: str) -> None:

@@ -15,7 +15,7 @@ import urllib.request
 from typing import Any
 
 from dropr import Message
-from dropr.ids import id_at, new_id
+from dropr._ids import id_at, new_id
 from dropr.wire import CONTENT_TYPE, FRESH_HEADER, encode_batch
 
 

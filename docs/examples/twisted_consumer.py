@@ -6,7 +6,7 @@ runs until interrupted)::
 
     python docs/examples/twisted_consumer.py /var/lib/dropr/store 5
 
-``dropr.consumer.consume`` takes the messages of a channel in delivery
+``dropr._consumer.consume`` takes the messages of a channel in delivery
 order, calls the handler for each, acks those it handled, and tries the
 others again.  New messages wake it within milliseconds (inotify on the
 store), without polling.
@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet import defer, task
 
 import dropr
-from dropr.consumer import consume
+from dropr._consumer import consume
 
 
 def handle(message: dropr.Message) -> None:

@@ -1,0 +1,1 @@
+"""The dropr command for operators."""

@@ -1,0 +1,1 @@
+"""The sending side: the spool producers write to and dropr-client."""

@@ -1,0 +1,326 @@
+"""The client daemon's sender: one per destination, spool → server.
+
+A sender takes a batch from its destination's queue, posts it, acks what the
+server stored, fails what it refused for good (with the reason) and gives
+back the rest.  One batch is in flight per destination, which keeps the
+order of a channel across batches.  When the destination cannot be reached
+the sender backs off exponentially, with jitter, and other destinations are
+not held up: each has its own sender.
+
+Spool operations run in a single-thread pool, so they happen in the order
+they were asked for and the reactor never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from dropr._message import Message
+from dropr.client._spool import Spool
+from dropr.client._transport import BatchTooLarge
+from dropr.interfaces import SendResult
+
+
+class DestinationSender:
+    """Moves the messages for one destination from the spool to its server."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        spool: Spool,
+        destination: str,
+        transport: Any,
+        reactor: Any,
+        pool: ThreadPool,
+        *,
+        max_batch: int = 1000,
+        max_batch_bytes: int = 8 * 1024 * 1024,
+        max_age: float = 6 * 86400.0,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        on_batch: Callable[[DestinationSender, int, int, int], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.destination = destination
+        self.transport = transport
+        self.reactor = reactor
+        self.pool = pool
+        self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
+        self.max_age = max_age
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self._clock = clock
+        self.on_batch = on_batch
+        #: "idle", "running" or "backoff"
+        self.state = "idle"
+        self.failures = 0
+        self.last_error = ""
+        self.sent = self.stored = self.failed = 0
+        #: Payload bytes sent, attempts that failed, and how long the last
+        #: answered batch took (for the client's metrics).
+        self.sent_bytes = self.errors = 0
+        self.last_batch_seconds = 0.0
+        self._again = False
+        self._stopping = False
+        self._run_d: Deferred[None] | None = None
+        self._send_d: Deferred[Any] | None = None
+        self._retry: IDelayedCall | None = None
+        #: Messages this sender took and has not yet acked, failed or released.
+        self._held: dict[str, Message] = {}
+
+    def _disk(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.pool, f, *args)
+
+    def wake(self, force: bool = False) -> None:
+        """Send what waits now; ``force`` also cuts a backoff short."""
+        if self._stopping:
+            return
+        if self.state == "running":
+            self._again = True
+            return
+        if self.state == "backoff":
+            if not force:
+                return
+            if self._retry is not None and self._retry.active():
+                self._retry.cancel()
+            self._retry = None
+        self.state = "running"
+        self._run_d = ensureDeferred(self._run())
+
+    async def _run(self) -> None:
+        try:
+            if self._held:
+                # A round that ended in an error (a full spool disk, say)
+                # left messages leased to this sender; as the spool's only
+                # taker it would skip them and send later ones first.
+                await self._settle(self.spool.release, list(self._held.values()))
+            batch = await self._take()
+            while batch and not self._stopping:
+                batch = await self._prepare(batch)
+                if not batch:
+                    batch = await self._take()
+                    continue
+                # Take the next batch on the disk thread while this one is on
+                # the wire; it is given back if this one has to be sent again,
+                # so that order holds.
+                prefetch = self._take()
+                outcome = await self._deliver(batch)
+                following: list[Message] = await prefetch
+                if outcome != "sent":
+                    if following:
+                        await self._settle(self.spool.release, following)
+                    if outcome == "backoff":
+                        return
+                    following = await self._take()
+                batch = following
+            self.state = "idle"
+            if self._again and not self._stopping:
+                self.wake()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self.log.failure("sender for {destination} failed", destination=self.destination)
+                self._back_off(f"internal error: {e}")
+            else:
+                # (chaos) The spool's disk is full, so a take could not record
+                # its lease: expected, not a bug; one line, then back off.
+                self._back_off(f"the spool's disk is full ({e.strerror})")
+        except Exception as e:  # never let a sender die; retry later
+            self.log.failure("sender for {destination} failed", destination=self.destination)
+            self._back_off(f"internal error: {e}")
+
+    def _take(self) -> Deferred[list[Message]]:
+        self._again = False
+        d: Deferred[list[Message]] = self._disk(self.spool.take, self.destination, self.max_batch)
+        return d.addCallback(self._hold)
+
+    def _hold(self, messages: list[Message]) -> list[Message]:
+        for m in messages:
+            self._held[m.id] = m
+        return messages
+
+    async def _settle(self, op: Callable[..., None], messages: list[Message], *args: Any) -> None:
+        """Ack, fail or release ``messages`` on the disk thread, and wait."""
+        await self._disk(op, messages, *args)
+        for m in messages:
+            self._held.pop(m.id, None)
+
+    def _settle_later(self, op: Callable[..., None], messages: list[Message], *args: Any) -> None:
+        """The same, without waiting: queued on the one disk thread, it runs
+        before any later take.  Should it fail, the messages count as held
+        again and are released before the next round."""
+        for m in messages:
+            self._held.pop(m.id, None)
+        d = self._disk(op, messages, *args)
+
+        def failed(failure: Any) -> None:
+            self._hold(messages)
+            self.log.warn(
+                "could not settle {count} messages for {destination}: {error}",
+                count=len(messages),
+                destination=self.destination,
+                error=str(failure.value),
+            )
+
+        d.addErrback(failed)
+
+    async def _prepare(self, batch: list[Message]) -> list[Message]:
+        """Fail what is too old and keep the batch within the byte limit."""
+        now = self._clock()
+        too_old = [m for m in batch if now - m.created > self.max_age]
+        if too_old:
+            await self._settle(
+                self.spool.fail,
+                too_old,
+                f"not delivered to {self.destination} within the maximum age of "
+                f"{self.max_age:.0f} s",
+            )
+            self.failed += len(too_old)
+            batch = [m for m in batch if now - m.created <= self.max_age]
+        size = 0
+        for n, m in enumerate(batch):
+            size += len(m.payload)
+            if size > self.max_batch_bytes and n > 0:
+                await self._settle(self.spool.release, batch[n:])
+                return batch[:n]
+        return batch
+
+    async def _deliver(self, batch: list[Message]) -> str:
+        """Send one batch: "sent", "again" (send anew at once) or "backoff"."""
+        started = time.monotonic()
+        try:
+            self._send_d = self.transport.send(self.destination, batch)
+            results: Sequence[SendResult] = await self._send_d
+        except BatchTooLarge as e:
+            await self._too_large(batch, str(e))
+            return "again"
+        except Exception as e:
+            await self._settle(self.spool.release, batch)
+            if self._stopping:
+                return "backoff"  # cancelled by stop(): no retry to announce
+            self._back_off(f"{type(e).__name__}: {e}")
+            return "backoff"
+        finally:
+            self._send_d = None
+        by_id = {m.id: m for m in batch}
+        stored = [by_id[r.id] for r in results if r.stored]
+        refused: dict[str, list[Message]] = {}
+        retry = []
+        for r in results:
+            if r.stored:
+                continue
+            if r.permanent:
+                refused.setdefault(r.reason, []).append(by_id[r.id])
+            else:
+                retry.append(by_id[r.id])
+        # Queued on the one disk thread, these run before any later take.
+        if stored:
+            self._settle_later(self.spool.ack, stored)
+        for reason, group in refused.items():
+            self._settle_later(self.spool.fail, group, reason)
+        if retry:
+            self._settle_later(self.spool.release, retry)
+        failed = sum(len(g) for g in refused.values())
+        self.sent += len(batch)
+        self.sent_bytes += sum(len(m.payload) for m in batch)
+        self.stored += len(stored)
+        self.failed += failed
+        if stored or failed:
+            # Progress: the next trouble starts the backoff from its first step.
+            self.failures = 0
+        self.last_batch_seconds = time.monotonic() - started
+        # One line per batch: the ids are fields (JSON logs keep them), not text.
+        self.log.info(
+            "sent {count} to {destination}: {stored} stored, {failed} failed, "
+            "{retry} to retry in {ms:.1f} ms",
+            count=len(batch),
+            destination=self.destination,
+            stored=len(stored),
+            failed=failed,
+            retry=len(retry),
+            ms=self.last_batch_seconds * 1000,
+            ids=[m.id for m in batch],
+            failed_ids={reason: [m.id for m in group] for reason, group in refused.items()},
+        )
+        if self.on_batch is not None:
+            self.on_batch(self, len(stored), failed, len(retry))
+        if retry:
+            if not stored and not failed:
+                self._back_off("the server stored none of the batch")
+                return "backoff"
+            return "again"
+        return "sent"
+
+    async def _too_large(self, batch: list[Message], reason: str) -> None:
+        if len(batch) > 1:
+            self.max_batch = max(1, len(batch) // 2)
+            self.log.warn(
+                "{destination} refused a batch of {count} as too large ({reason}); "
+                "sending at most {limit} per batch",
+                destination=self.destination,
+                count=len(batch),
+                reason=reason,
+                limit=self.max_batch,
+            )
+            await self._settle(self.spool.release, batch)
+            return
+        await self._settle(self.spool.fail, batch, f"too large for {self.destination}: {reason}")
+        self.failed += 1
+
+    def _back_off(self, reason: str) -> None:
+        self.failures += 1
+        self.errors += 1
+        self.last_error = reason
+        delay = min(self.backoff_cap, self.backoff_base * 2 ** (self.failures - 1))
+        delay *= random.uniform(0.5, 1.0)
+        self.log.warn(
+            "cannot deliver to {destination} ({reason}); retry {n} in {delay:.1f} s",
+            destination=self.destination,
+            reason=reason,
+            n=self.failures,
+            delay=delay,
+        )
+        self.state = "backoff"
+        if not self._stopping:
+            self._retry = self.reactor.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self.wake(force=True)
+
+    def stop(self, grace: float = 10.0) -> Deferred[None]:
+        """Stop sending; the batch in flight gets ``grace`` seconds to finish.
+
+        A batch cut short stays in the spool (its lease is a dead owner's at
+        the next start) and is sent again.
+        """
+        self._stopping = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._run_d is None or self._run_d.called:
+            return succeed(None)
+        timer = self.reactor.callLater(grace, self._cancel_send)
+        d = self._run_d
+
+        def done(result: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        d.addBoth(done)
+        return d
+
+    def _cancel_send(self) -> None:
+        if self._send_d is not None:
+            self._send_d.cancel()

@@ -1,0 +1,245 @@
+"""The producer's side: ``dropr.put()`` and the client spool."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+
+from dropr._ids import new_ids
+from dropr._message import (
+    DEFAULT_CHANNEL,
+    DEFAULT_MAX_PAYLOAD,
+    DEFAULT_PRIORITY,
+    Message,
+    coerce_payload,
+    validate_channel,
+    validate_destination,
+    validate_priority,
+)
+from dropr.client._notify import poke
+from dropr.errors import StorageFull
+from dropr.interfaces import QueueStats
+from dropr.storage.files._storage import FilesystemStorage
+
+#: Where ``put()`` spools when neither its argument nor ``$DROPR_SPOOL`` says.
+DEFAULT_SPOOL = "/var/spool/dropr"
+#: Default limits of a spool: refuse puts beyond them (see StorageFull).
+DEFAULT_MAX_BYTES = 1024**3
+DEFAULT_MAX_MESSAGES = 1_000_000
+
+
+def default_spool_path() -> str:
+    """``$DROPR_SPOOL`` if set, else ``/var/spool/dropr``."""
+    return os.environ.get("DROPR_SPOOL") or DEFAULT_SPOOL
+
+
+class Spool:
+    """A client spool: messages waiting to be sent, one queue per destination.
+
+    Safe to use from several threads and several processes at once; each
+    ``put`` and ``put_many`` is durable when it returns.
+
+    :param path: the spool directory (created if missing).
+    :param max_bytes: payload bytes the spool may hold before ``put`` raises
+        :class:`~dropr.errors.StorageFull` (None: no limit).
+    :param max_messages: the same for the number of messages.
+    :param max_payload: the largest payload accepted, in bytes.
+    :param daemon: open as the client daemon: the only taker, holding the
+        spool's lock (a second daemon on the same spool is refused).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+        max_messages: int | None = DEFAULT_MAX_MESSAGES,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        lease: float = 300.0,
+        daemon: bool = False,
+    ) -> None:
+        self.path = os.path.abspath(path or default_spool_path())
+        try:
+            self.storage = FilesystemStorage(
+                self.path,
+                max_bytes=max_bytes,
+                max_messages=max_messages,
+                max_payload=max_payload,
+                lease=lease,
+                sync_acks=False,
+                sole_taker=daemon,
+            )
+        except PermissionError as e:
+            raise PermissionError(
+                f"cannot use spool {self.path}: {e.strerror}. Give put() a spool= "
+                "argument or set $DROPR_SPOOL to a directory this user may write"
+            ) from e
+
+    def put(
+        self,
+        payload: bytes | str,
+        destination: str,
+        channel: str = DEFAULT_CHANNEL,
+        priority: int = DEFAULT_PRIORITY,
+        block: float | None = None,
+    ) -> str:
+        """Spool one message for ``destination``; return its id once durable."""
+        return self.put_many([payload], destination, channel, priority, block)[0]
+
+    def put_many(
+        self,
+        payloads: Iterable[bytes | str],
+        destination: str,
+        channel: str = DEFAULT_CHANNEL,
+        priority: int = DEFAULT_PRIORITY,
+        block: float | None = None,
+    ) -> list[str]:
+        """Spool several messages with one disk sync; return their ids.
+
+        All or nothing: either every message is durable when this returns,
+        or it raises and none was stored.  ``block`` (seconds) waits that
+        long for room when the spool is full instead of raising at once.
+        """
+        validate_destination(destination)
+        validate_channel(channel)
+        validate_priority(priority)
+        max_payload = self.storage.max_payload
+        data = [coerce_payload(p, max_payload) for p in payloads]
+        if not data:
+            return []
+        ids = new_ids(len(data))
+        messages = [
+            Message(i, d, channel, priority, destination) for i, d in zip(ids, data, strict=True)
+        ]
+        deadline = None if block is None else time.monotonic() + block
+        while True:
+            try:
+                self.storage.add(destination, messages)
+                break
+            except StorageFull:
+                if deadline is None or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+        poke(self.path)
+        return ids
+
+    def put_deferred(
+        self,
+        payload: bytes | str,
+        destination: str,
+        channel: str = DEFAULT_CHANNEL,
+        priority: int = DEFAULT_PRIORITY,
+    ) -> Deferred[str]:
+        """``put`` for Twisted code: the disk sync runs in the reactor's thread pool."""
+        return deferToThread(self.put, payload, destination, channel, priority)
+
+    def put_many_deferred(
+        self,
+        payloads: Sequence[bytes | str],
+        destination: str,
+        channel: str = DEFAULT_CHANNEL,
+        priority: int = DEFAULT_PRIORITY,
+    ) -> Deferred[list[str]]:
+        """``put_many`` for Twisted code, run in the reactor's thread pool."""
+        return deferToThread(self.put_many, list(payloads), destination, channel, priority)
+
+    # The queue operations, over destinations; the client daemon uses these.
+
+    def take(self, destination: str, limit: int, lease: float | None = None) -> list[Message]:
+        """Claim up to ``limit`` messages for ``destination``, in order."""
+        return self.storage.take(destination, limit, lease)
+
+    def ack(self, messages: Iterable[Message]) -> None:
+        """Forget messages the server stored."""
+        self.storage.ack(messages)
+
+    def release(self, messages: Iterable[Message]) -> None:
+        """Put taken messages back, to be sent again."""
+        self.storage.release(messages)
+
+    def fail(self, messages: Iterable[Message], reason: str) -> None:
+        """Move messages that cannot be delivered to the failed area."""
+        self.storage.fail(messages, reason)
+
+    def queues(self) -> list[str]:
+        """Destinations with messages waiting or failed."""
+        return self.storage.queues()
+
+    def stats(self) -> dict[str, QueueStats]:
+        """Figures per destination."""
+        return self.storage.stats()
+
+    def failed(self, destination: str, limit: int = 100) -> list[tuple[Message, str]]:
+        """Failed messages for ``destination`` with their reasons."""
+        return self.storage.failed(destination, limit)
+
+    def close(self) -> None:
+        """Release the spool's files."""
+        self.storage.close()
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_spools: dict[str, Spool] = {}
+_spools_lock = threading.Lock()
+
+
+def _spool(path: str | None) -> Spool:
+    key = os.path.abspath(path or default_spool_path())
+    with _spools_lock:
+        spool = _spools.get(key)
+        if spool is None:
+            spool = _spools[key] = Spool(key)
+        return spool
+
+
+def put(
+    payload: bytes | str,
+    destination: str,
+    channel: str = DEFAULT_CHANNEL,
+    priority: int = DEFAULT_PRIORITY,
+    spool: str | None = None,
+) -> str:
+    """Put one message in the local spool for ``destination``; return its id.
+
+    Returns once the message is on stable storage.  ``destination`` is the
+    base URL of a dropr-server (``"http://host:8080/"``); ``priority`` runs
+    from 0 (first) to 9; ``spool`` defaults to ``$DROPR_SPOOL``, else
+    ``/var/spool/dropr``.  Needs no reactor.
+    """
+    return _spool(spool).put(payload, destination, channel, priority)
+
+
+def put_many(
+    payloads: Iterable[bytes | str],
+    destination: str,
+    channel: str = DEFAULT_CHANNEL,
+    priority: int = DEFAULT_PRIORITY,
+    spool: str | None = None,
+) -> list[str]:
+    """Put several messages with one disk sync; return their ids."""
+    return _spool(spool).put_many(payloads, destination, channel, priority)
+
+
+def put_deferred(
+    payload: bytes | str,
+    destination: str,
+    channel: str = DEFAULT_CHANNEL,
+    priority: int = DEFAULT_PRIORITY,
+    spool: str | None = None,
+) -> Deferred[str]:
+    """``put`` for Twisted code: returns a Deferred firing with the id.
+
+    The write and disk sync run in the reactor's thread pool, so the reactor
+    never waits for the disk.
+    """
+    return deferToThread(put, payload, destination, channel, priority, spool)

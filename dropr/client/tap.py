@@ -1,0 +1,208 @@
+"""``twistd dropr-client``: options and the service tree."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import DeferredList
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from dropr._message import validate_destination
+from dropr.client._notifier import FifoNotifier
+from dropr.client._sender import DestinationSender
+from dropr.client._spool import Spool, default_spool_path
+from dropr.client._transport import HTTPTransport
+from dropr.daemon import logs as logs
+from dropr.daemon._auth import CredentialsError, check_not_world_writable, load_client_credentials
+from dropr.daemon._tls import TLSConfigError, client_policy
+from dropr.errors import InvalidMessage, StorageLocked
+from dropr.monitoring._metrics import ClientMetrics, StatsReader
+from dropr.monitoring._statuspage import client_site
+from dropr.server.tap import _log_format, _size
+
+
+class Options(usage.Options):
+    """Options of ``twistd dropr-client``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Forward the messages of a spool to the dropr-servers they are "
+        "addressed to; destinations come from the messages themselves."
+    )
+    optParameters: list[list[Any]] = [
+        ["spool", "s", None, "Spool directory (default $DROPR_SPOOL, else /var/spool/dropr)."],
+        ["rescan", None, 5.0, "Seconds between rescans of the spool (a fallback).", float],
+        ["max-batch", None, 1000, "Most messages in one request.", int],
+        ["max-batch-bytes", None, 8 * 1024 * 1024, "Most payload bytes in one request.", _size],
+        ["max-age", None, 6 * 86400.0, "Seconds before an undelivered message fails.", float],
+        ["connect-timeout", None, 10.0, "Seconds to wait for a connection.", float],
+        ["timeout", None, 60.0, "Seconds to wait for a server's answer.", float],
+        ["backoff-cap", None, 60.0, "Longest wait between retries of a failing server.", float],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve /metrics and /stats on this endpoint, e.g. tcp:9101:interface=127.0.0.1.",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "Log lines as text, or json (one JSON object per line).",
+            _log_format,
+        ],
+        ["credentials", None, None, "File with this client's identity and secret (owner-only)."],
+        ["ca-file", None, None, "PEM file of the CAs to trust for https (default: the system's)."],
+    ]
+
+    def postOptions(self) -> None:
+        self["spool"] = self["spool"] or default_spool_path()
+        if self["max-batch"] < 1:
+            raise usage.UsageError("--max-batch must be at least 1")
+        if self["rescan"] <= 0:
+            raise usage.UsageError("--rescan must be more than 0 seconds")
+
+
+class ClientService(service.MultiService):
+    """Watches the spool and runs one sender per destination.
+
+    Its child, with ``--metrics``, serves ``/metrics`` and ``/stats``.
+    """
+
+    log = Logger()
+    #: What the senders count; /metrics and /stats show it.
+    metrics: ClientMetrics | None = None
+    #: Reads the spool's figures for the metrics; closed with the service.
+    stats_reader: StatsReader | None = None
+    #: The log observer twistd is to use (--log-format), or None for its own.
+    log_observer: logs.JSONLinesObserver | None = None
+
+    def __init__(self, spool: Spool, transport: HTTPTransport, reactor: Any, options: Any) -> None:
+        super().__init__()
+        self.spool = spool
+        self.transport = transport
+        self.reactor = reactor
+        self.options = options
+        self.senders: dict[str, DestinationSender] = {}
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="dropr-spool")
+        self.notifier: FifoNotifier | None = None
+        self._rescan = LoopingCall(self._rescan_safely)
+        self._rescan.clock = reactor
+        self._bad_queues: set[str] = set()
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+        self.notifier = FifoNotifier(self.spool.path, self.wake_all, self.reactor)
+        self.notifier.startReading()
+        self._rescan.start(self.options["rescan"], now=True)
+        self.log.info("dropr-client forwarding spool {spool}", spool=self.spool.path)
+
+    def setServiceParent(self, parent: Any) -> Any:
+        logs.attach(parent, self.log_observer)
+        return super().setServiceParent(parent)
+
+    def _rescan_safely(self) -> None:
+        # A LoopingCall stops for good on an error: never let one escape.
+        try:
+            self.wake_all(force=False)
+        except Exception:
+            self.log.failure("rescan of {spool} failed", spool=self.spool.path)
+        # Keep the spool's usage figures fresh for producers (their limit
+        # checks read them instead of walking the spool themselves).
+        d = deferToThreadPool(self.reactor, self.pool, self.spool.storage.count_usage)
+        d.addErrback(
+            lambda f: self.log.failure("counting {spool} failed", f, spool=self.spool.path)
+        )
+
+    def wake_all(self, force: bool = False) -> None:
+        """Find destinations in the spool and wake their senders."""
+        for destination in self.spool.storage.queue_names():
+            sender = self.senders.get(destination)
+            if sender is None:
+                if destination in self._bad_queues:
+                    continue
+                try:
+                    validate_destination(destination)
+                except InvalidMessage as e:
+                    self._bad_queues.add(destination)
+                    self.log.error("ignoring queue in spool: {error}", error=str(e))
+                    continue
+                sender = self.senders[destination] = self._sender(destination)
+            sender.wake(force)
+
+    def _sender(self, destination: str) -> DestinationSender:
+        o = self.options
+        return DestinationSender(
+            self.spool,
+            destination,
+            self.transport,
+            self.reactor,
+            self.pool,
+            max_batch=o["max-batch"],
+            max_batch_bytes=o["max-batch-bytes"],
+            max_age=o["max-age"],
+            backoff_cap=o["backoff-cap"],
+            on_batch=self.metrics.batch if self.metrics is not None else None,
+        )
+
+    def stopService(self) -> Any:
+        children = super().stopService()
+        if self.notifier is not None:
+            self.notifier.stop()
+        if self._rescan.running:
+            self._rescan.stop()
+        d = DeferredList([children, *(s.stop() for s in self.senders.values())])
+
+        def finish(_: object) -> Any:
+            self.pool.stop()
+            self.spool.close()
+            if self.stats_reader is not None:
+                self.stats_reader.close()
+            self.log.info("dropr-client stopped")
+            return self.transport.close()
+
+        return d.addBoth(finish)
+
+
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    """Build the dropr-client service from parsed ``options``."""
+    reactor = reactor or global_reactor
+    path = os.path.abspath(options["spool"])
+    # Checked before the spool is opened, so a bad file changes nothing.
+    try:
+        check_not_world_writable(path, "spool")
+        credentials = (
+            load_client_credentials(options["credentials"]) if options["credentials"] else None
+        )
+        tls_policy = client_policy(options["ca-file"])
+    except (CredentialsError, TLSConfigError) as e:
+        raise SystemExit(f"dropr-client: {e}") from None
+    try:
+        spool = Spool(path, daemon=True)
+    except StorageLocked as e:
+        raise SystemExit(f"dropr-client: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"dropr-client: cannot use spool {path}: {e}") from None
+    transport = HTTPTransport(
+        reactor,
+        connect_timeout=options["connect-timeout"],
+        timeout=options["timeout"],
+        context_factory=tls_policy,
+        credentials=credentials,
+    )
+    client = ClientService(spool, transport, reactor, options)
+    client.stats_reader = StatsReader(path)
+    client.metrics = ClientMetrics(lambda: client.senders, client.stats_reader)
+    client.log_observer = logs.observer_for(options["log-format"], getattr(options, "parent", None))
+    if options["metrics"]:
+        site = client_site(client.metrics, reactor)
+        strports.service(options["metrics"], site, reactor=reactor).setServiceParent(client)
+    return client

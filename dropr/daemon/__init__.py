@@ -1,0 +1,1 @@
+"""What both twistd plugins share: logs, TLS, signed requests."""

@@ -1,0 +1,1 @@
+"""Storages: where messages wait (private; use dropr.Spool and dropr.Store)."""

@@ -1,0 +1,159 @@
+"""The batch file: the unit of durability of the file-system storage.
+
+One ``add()`` writes one batch file per queue and priority, synced once.
+Layout (all integers big-endian)::
+
+    magic    8 bytes   b"DROPRB1\\n"
+    record*  4 bytes   length L of the body
+             L bytes   body
+             4 bytes   CRC-32 of the body
+    body     16 bytes  message id (the 32 hex digits as raw bytes)
+             1 byte    priority
+             1 byte    length C of the channel name
+             2 bytes   length D of the destination
+             C bytes   channel name (ASCII)
+             D bytes   destination (ASCII; empty in a server store)
+             rest      payload
+
+The file's name says what it holds, so listings need no reads::
+
+    <batch id>-<message count>-<payload bytes>.b
+
+A record whose CRC does not match, or a file cut short, is detected on read;
+the records before it are still good.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dropr._message import Message
+
+MAGIC = b"DROPRB1\n"
+SUFFIX = ".b"
+_FRAME = struct.Struct(">I")
+_HEAD = struct.Struct(">16sBBH")
+#: Largest record body accepted on read (payload limit plus headroom).
+MAX_BODY = 256 * 1024 * 1024
+_NAME_RE = re.compile(r"([0-9a-f]{32})-([0-9]{1,9})-([0-9]{1,15})\.b\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchName:
+    """The parts of a batch file's name."""
+
+    batch_id: str
+    count: int
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"{self.batch_id}-{self.count}-{self.nbytes}{SUFFIX}"
+
+    @classmethod
+    def parse(cls, name: str) -> BatchName | None:
+        """The parts of ``name``, or None if it is not a batch file name."""
+        m = _NAME_RE.match(name)
+        if m is None:
+            return None
+        return cls(m.group(1), int(m.group(2)), int(m.group(3)))
+
+
+def encode(messages: Sequence[Message]) -> list[bytes]:
+    """The chunks of a batch file holding ``messages``, in order."""
+    chunks = [MAGIC]
+    append = chunks.append
+    pack_head = _HEAD.pack
+    pack_frame = _FRAME.pack
+    crc32 = zlib.crc32
+    for m in messages:
+        channel = m.channel.encode("ascii")
+        destination = (m.destination or "").encode("ascii")
+        head = pack_head(bytes.fromhex(m.id), m.priority, len(channel), len(destination))
+        body = b"".join((head, channel, destination, m.payload))
+        append(pack_frame(len(body)))
+        append(body)
+        append(pack_frame(crc32(body)))
+    return chunks
+
+
+@dataclass(slots=True)
+class Decoded:
+    """What could be read of a batch file."""
+
+    messages: list[Message]
+    #: Why reading stopped early; empty when the whole file was read.
+    error: str = ""
+
+
+def decode(data: bytes, receipt: Callable[[int], object] | None = None) -> Decoded:
+    """Read the messages of a batch file's bytes, stopping at the first damage.
+
+    ``receipt``, when given, makes the ``receipt`` of the message at each
+    index, so a storage builds each message object once.
+    """
+    if not data.startswith(MAGIC):
+        return Decoded([], "not a dropr batch file (bad magic)")
+    messages: list[Message] = []
+    append = messages.append
+    pos = len(MAGIC)
+    end = len(data)
+    view = memoryview(data)
+    unpack_frame = _FRAME.unpack_from
+    unpack_head = _HEAD.unpack_from
+    crc32 = zlib.crc32
+    names: dict[bytes, str | None] = {b"": None}
+    head_size = _HEAD.size
+    index = 0
+    while pos < end:
+        if pos + 4 > end:
+            return Decoded(messages, f"truncated record length at byte {pos}")
+        (length,) = unpack_frame(data, pos)
+        if length < head_size or length > MAX_BODY:
+            return Decoded(messages, f"impossible record length {length} at byte {pos}")
+        body_start = pos + 4
+        body_end = body_start + length
+        if body_end + 4 > end:
+            return Decoded(messages, f"truncated record at byte {pos}")
+        (crc,) = unpack_frame(data, body_end)
+        if crc32(view[body_start:body_end]) != crc:
+            return Decoded(messages, f"checksum mismatch in record at byte {pos}")
+        raw_id, priority, clen, dlen = unpack_head(data, body_start)
+        p = body_start + head_size
+        if p + clen + dlen > body_end:
+            return Decoded(messages, f"field lengths exceed record at byte {pos}")
+        raw_channel = data[p : p + clen]
+        raw_destination = data[p + clen : p + clen + dlen]
+        try:
+            channel = names[raw_channel]
+        except KeyError:
+            channel = names[raw_channel] = _ascii(raw_channel)
+        try:
+            destination = names[raw_destination]
+        except KeyError:
+            destination = names[raw_destination] = _ascii(raw_destination)
+        if channel is None or (dlen and destination is None):
+            return Decoded(messages, f"non-ASCII name in record at byte {pos}")
+        append(
+            Message(
+                raw_id.hex(),
+                data[p + clen + dlen : body_end],
+                channel,
+                priority,
+                destination,
+                receipt(index) if receipt is not None else None,
+            )
+        )
+        index += 1
+        pos = body_end + 4
+    return Decoded(messages)
+
+
+def _ascii(raw: bytes) -> str | None:
+    try:
+        return raw.decode("ascii") or None
+    except UnicodeDecodeError:
+        return None

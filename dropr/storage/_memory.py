@@ -1,0 +1,272 @@
+"""An ``IStorage`` in memory: the semantics of the others, without durability.
+
+For tests of code that uses a storage (senders, receivers, consumers), where
+the disk only costs time.  Everything is lost when the object goes away;
+never use it where a message was acknowledged to someone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from zope.interface import implementer
+
+from dropr._ids import id_millis, id_time
+from dropr._message import DEFAULT_MAX_PAYLOAD, MAX_PRIORITY, MIN_PRIORITY, Message
+from dropr.errors import InvalidMessage, StorageFull, UnknownMessage
+from dropr.interfaces import IStorage, QueueStats
+from dropr.storage.files._storage import validate_queue
+
+#: Seconds between two prunes of the dedup index.
+_PRUNE_EVERY = 60.0
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A stored message and its claim (``lease_until`` in seconds)."""
+
+    message: Message
+    lease_until: float = 0.0
+    claim: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Receipt:
+    storage: object
+    queue: str
+    priority: int
+    seq: int
+    claim: int
+
+
+@implementer(IStorage)
+class MemoryStorage:
+    """Queues in memory, with the semantics of the durable storages.
+
+    Takes the keywords of :class:`~dropr.storage.files._storage.FilesystemStorage` that
+    mean something without a disk: ``max_bytes``, ``max_messages``,
+    ``max_payload``, ``lease``, ``dedup``, ``dedup_window`` and ``clock``.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_bytes: int | None = None,
+        max_messages: int | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        lease: float = 60.0,
+        dedup: bool = False,
+        dedup_window: float = 7 * 86400.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        self.max_payload = max_payload
+        self.default_lease = lease
+        self.dedup = dedup
+        self.dedup_window = dedup_window
+        self._clock = clock
+        self._token = object()
+        self._mutex = threading.RLock()
+        self._closed = False
+        # queue → priority → seq → entry; dicts keep insertion order, which is
+        # the delivery order within a priority, and delete in O(1).
+        self._queues: dict[str, dict[int, dict[int, _Entry]]] = {}
+        self._failed: dict[str, list[tuple[Message, str]]] = {}
+        self._seen: dict[str, int] = {}
+        self._pruned_at = float("-inf")
+        self._seq = itertools.count(1)
+        self._claims = itertools.count(1)
+        self._count = 0
+        self._bytes = 0
+
+    def close(self) -> None:
+        """Refuse every further call; the messages go with the object."""
+        with self._mutex:
+            self._closed = True
+
+    def __enter__(self) -> MemoryStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("memory storage is closed")
+
+    # IStorage types messages as ``object``; the methods here take and give
+    # ``Message`` like FilesystemStorage's, hence the ``override`` ignores.
+
+    def add(self, queue: str, messages: Sequence[Message]) -> list[str]:
+        """Store ``messages`` in ``queue``; see ``IStorage.add``."""
+        validate_queue(queue)
+        messages = list(messages)
+        for m in messages:
+            m.validate(self.max_payload)
+        with self._mutex:
+            self._check_open()
+            now = self._clock()
+            new = messages
+            if self.dedup:
+                self._prune(now)
+                oldest_ms = (now - self.dedup_window) * 1000
+                for m in messages:
+                    if id_millis(m.id) < oldest_ms:
+                        raise InvalidMessage(
+                            f"message {m.id} is older than the dedup window of "
+                            f"{self.dedup_window:g} seconds, so it may have been "
+                            "stored already; nothing was stored. Fail it at the sender"
+                        )
+                new, ids = [], set()
+                for m in messages:
+                    if m.id not in self._seen and m.id not in ids:
+                        ids.add(m.id)
+                        new.append(m)
+            if not new:
+                return []
+            nbytes = sum(len(m.payload) for m in new)
+            if self.max_messages is not None and self._count + len(new) > self.max_messages:
+                raise StorageFull(
+                    f"memory storage is full: {self._count} messages wait and the "
+                    f"limit is {self.max_messages}; nothing was stored"
+                )
+            if self.max_bytes is not None and self._bytes + nbytes > self.max_bytes:
+                raise StorageFull(
+                    f"memory storage is full: {self._bytes} payload bytes wait, "
+                    f"{nbytes} more would pass the limit of {self.max_bytes}; "
+                    "nothing was stored"
+                )
+            by_priority = self._queues.setdefault(queue, {})
+            for m in new:
+                entry = _Entry(replace(m, receipt=None))
+                by_priority.setdefault(m.priority, {})[next(self._seq)] = entry
+                if self.dedup:
+                    self._seen[m.id] = id_millis(m.id)
+            self._count += len(new)
+            self._bytes += nbytes
+            return [m.id for m in new]
+
+    def _prune(self, now: float) -> None:
+        if now - self._pruned_at < _PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        oldest_ms = (now - self.dedup_window) * 1000
+        for i in [i for i, ms in self._seen.items() if ms < oldest_ms]:
+            del self._seen[i]
+
+    def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:  # type: ignore[override]
+        """Claim up to ``limit`` messages of ``queue``; see ``IStorage.take``."""
+        validate_queue(queue)
+        if limit < 1:
+            return []
+        lease_s = self.default_lease if lease is None else lease
+        with self._mutex:
+            self._check_open()
+            now = self._clock()
+            claim = next(self._claims)
+            taken: list[Message] = []
+            by_priority = self._queues.get(queue, {})
+            for priority in range(MIN_PRIORITY, MAX_PRIORITY + 1):
+                for seq, entry in by_priority.get(priority, {}).items():
+                    if len(taken) >= limit:
+                        return taken
+                    if entry.lease_until > now:
+                        continue
+                    entry.lease_until = now + lease_s
+                    entry.claim = claim
+                    receipt = _Receipt(self._token, queue, priority, seq, claim)
+                    taken.append(replace(entry.message, receipt=receipt))
+            return taken
+
+    def _receipts(self, messages: Iterable[Message]) -> list[_Receipt]:
+        """The receipts of ``messages``; raise before any change if one is foreign."""
+        out = []
+        for m in messages:
+            r = m.receipt
+            if not isinstance(r, _Receipt) or r.storage is not self._token:
+                raise UnknownMessage(
+                    f"message {m.id} was not taken from this storage: ack, release "
+                    "and fail the Message objects that take() returned"
+                )
+            out.append(r)
+        return out
+
+    def _entry(self, r: _Receipt) -> _Entry | None:
+        return self._queues.get(r.queue, {}).get(r.priority, {}).get(r.seq)
+
+    def _remove(self, r: _Receipt) -> _Entry | None:
+        by_priority = self._queues.get(r.queue, {})
+        entry = by_priority.get(r.priority, {}).pop(r.seq, None)
+        if entry is not None:
+            self._count -= 1
+            self._bytes -= len(entry.message.payload)
+            if not by_priority[r.priority]:
+                del by_priority[r.priority]
+            if not by_priority:
+                del self._queues[r.queue]
+        return entry
+
+    def ack(self, messages: Iterable[Message]) -> None:  # type: ignore[override]
+        """Forget taken ``messages`` (again: harmless)."""
+        with self._mutex:
+            self._check_open()
+            for r in self._receipts(messages):
+                self._remove(r)
+
+    def release(self, messages: Iterable[Message]) -> None:  # type: ignore[override]
+        """Hand taken ``messages`` out again, unless someone else took them since."""
+        with self._mutex:
+            self._check_open()
+            for r in self._receipts(messages):
+                entry = self._entry(r)
+                if entry is not None and entry.claim == r.claim:
+                    entry.lease_until = 0.0
+
+    def fail(self, messages: Iterable[Message], reason: str) -> None:  # type: ignore[override]
+        """Move taken ``messages`` to the failed area with ``reason``."""
+        if not isinstance(reason, str) or not reason:
+            raise InvalidMessage("fail() needs a reason: a short text saying what went wrong")
+        with self._mutex:
+            self._check_open()
+            for r in self._receipts(messages):
+                entry = self._remove(r)
+                if entry is not None:
+                    self._failed.setdefault(r.queue, []).append((entry.message, reason))
+
+    def queues(self) -> list[str]:
+        """Queues holding messages, waiting or failed."""
+        with self._mutex:
+            self._check_open()
+            return sorted(set(self._queues) | set(self._failed))
+
+    def stats(self) -> dict[str, QueueStats]:
+        """Figures for every queue."""
+        with self._mutex:
+            self._check_open()
+            now = self._clock()
+            result = {}
+            for queue in self.queues():
+                entries = [
+                    e for by_seq in self._queues.get(queue, {}).values() for e in by_seq.values()
+                ]
+                oldest = min((id_time(e.message.id) for e in entries), default=now)
+                result[queue] = QueueStats(
+                    depth=len(entries),
+                    bytes=sum(len(e.message.payload) for e in entries),
+                    oldest_age=max(0.0, now - oldest),
+                    taken=sum(1 for e in entries if e.lease_until > now),
+                    failed=len(self._failed.get(queue, ())),
+                )
+            return result
+
+    def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:  # type: ignore[override]
+        """Up to ``limit`` failed messages of ``queue`` with their reasons, oldest first."""
+        validate_queue(queue)
+        with self._mutex:
+            self._check_open()
+            return list(self._failed.get(queue, [])[: max(0, limit)])

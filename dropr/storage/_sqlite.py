@@ -1,0 +1,521 @@
+"""An ``IStorage`` in one SQLite database file.
+
+The alternative to the file-system storage for those who would rather have
+one file to back up and inspect with ``sqlite3``.  The database runs in WAL
+mode with ``synchronous=FULL`` for the transactions that must survive a power
+loss (add, ack when ``sync_acks``, fail), so they are durable when ``commit``
+returns; takes and releases commit with ``synchronous=NORMAL``, because losing
+one only hands a message out again.
+
+Every change runs in a ``BEGIN IMMEDIATE`` transaction, which takes the
+database's write lock before reading: two processes (or two storages in one
+process) that take from the same queue at once are serialised, so they never
+claim the same message.
+
+Schema::
+
+    messages   waiting and taken messages; ``seq`` is the insertion order,
+               ``lease_until`` (ms) > now means claimed by ``claim``
+    failed     failed messages with their reason
+    seen       the dedup index: stored ids with their time (ms, from the id)
+    totals     one row: count and payload bytes of ``messages``, kept by
+               triggers so the size limits cost no scan
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from zope.interface import implementer
+
+from dropr._ids import id_millis, id_time
+from dropr._message import DEFAULT_MAX_PAYLOAD, Message
+from dropr.errors import DroprError, InvalidMessage, StorageFull, StorageLocked, UnknownMessage
+from dropr.interfaces import IStorage, QueueStats
+from dropr.storage.files._durable import fsync_dir
+from dropr.storage.files._storage import validate_queue
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    id TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    destination TEXT,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    claim INTEGER
+);
+CREATE INDEX IF NOT EXISTS messages_order ON messages (queue, priority, seq);
+CREATE TABLE IF NOT EXISTS failed (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    id TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    destination TEXT,
+    payload BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    failed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS failed_order ON failed (queue, seq);
+CREATE TABLE IF NOT EXISTS seen (
+    id BLOB PRIMARY KEY,
+    ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_time ON seen (ms);
+CREATE TABLE IF NOT EXISTS totals (
+    k INTEGER PRIMARY KEY CHECK (k = 0),
+    count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+CREATE TRIGGER IF NOT EXISTS messages_added AFTER INSERT ON messages BEGIN
+    UPDATE totals SET count = count + 1, bytes = bytes + NEW.size WHERE k = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_removed AFTER DELETE ON messages BEGIN
+    UPDATE totals SET count = count - 1, bytes = bytes - OLD.size WHERE k = 0;
+END;
+"""
+
+#: Seconds between two prunes of the dedup index; pruning is a range delete
+#: on an index, cheap, but there is no point doing it on every add.
+_PRUNE_EVERY = 60.0
+#: SQLite limits the number of ``?`` in one statement; stay well below.
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class _Receipt:
+    """Which row a taken message is, and which claim handed it out."""
+
+    storage: object
+    seq: int
+    claim: int
+
+
+def _chunks(items: Sequence[int]) -> Iterator[Sequence[int]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i : i + _CHUNK]
+
+
+@implementer(IStorage)
+class SQLiteStorage:
+    """Durable queues in one SQLite database (WAL mode); see the module docstring.
+
+    :param path: the database file, created if missing.
+    :param max_bytes: refuse ``add`` once this many payload bytes wait
+        (None: no limit).  Counted exactly, across processes.
+    :param max_messages: the same for the number of waiting messages.
+    :param max_payload: the largest payload accepted, in bytes.
+    :param lease: default seconds a taken message stays claimed.
+    :param sync_acks: sync the database on ack, so an acked message is not
+        handed out again after a power loss.
+    :param dedup: remember stored ids and make ``add`` idempotent by id; ids
+        older than ``dedup_window`` are refused, since they may have been
+        stored and forgotten.
+    :param dedup_window: seconds the dedup index remembers an id.
+    :param exclusive: hold a lock file next to the database for the life of
+        this object; raise StorageLocked if another process holds it.  Not
+        needed for safety (SQLite's own locking covers several processes),
+        only to insist on one owner.
+    :param timeout: seconds to wait for another process's write lock.
+    :param clock: the time, in seconds since the epoch (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_bytes: int | None = None,
+        max_messages: int | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        lease: float = 60.0,
+        sync_acks: bool = True,
+        dedup: bool = False,
+        dedup_window: float = 7 * 86400.0,
+        exclusive: bool = False,
+        timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        self.max_payload = max_payload
+        self.default_lease = lease
+        self.sync_acks = sync_acks
+        self.dedup = dedup
+        self.dedup_window = dedup_window
+        self._clock = clock
+        # Receipts point at this object, not at id(self): an id can be reused
+        # by a later storage once this one is gone.
+        self._token = object()
+        self._mutex = threading.RLock()
+        self._closed = False
+        self._lock_fd = -1
+        self._pruned_at = float("-inf")
+        if exclusive:
+            self._lock_exclusive()
+        try:
+            self._create_private()
+            # isolation_level=None: the module must not open transactions of
+            # its own; every transaction here is an explicit BEGIN IMMEDIATE.
+            self._db = sqlite3.connect(
+                self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        except BaseException:
+            self._unlock_exclusive()
+            raise
+        try:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise DroprError(
+                    f"{self.path}: SQLite could not switch to WAL mode (got {mode!r}); "
+                    "put the database on a local file system"
+                )
+            self._synchronous = ""
+            self._set_synchronous("FULL")
+            # One transaction, so two processes opening a new file at once
+            # do not both try to create the schema.
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+            # The database (and WAL) file may be new: make their directory
+            # entries durable too, or a power loss could lose the whole file.
+            fsync_dir(os.path.dirname(self.path))
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._db.close()
+            self._unlock_exclusive()
+            raise
+
+    # -- opening and closing ------------------------------------------------------
+
+    def _create_private(self) -> None:
+        # SQLite creates files world-readable (subject to umask) and gives its
+        # -wal and -shm files the database's mode, so make the file 0600 first.
+        # An empty file is a valid empty database.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+
+    def _lock_exclusive(self) -> None:
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise StorageLocked(
+                f"{self.path} is in use by pid {holder}: only one daemon may own "
+                "a spool or store; stop the other one, or give this one another "
+                "database file"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock_exclusive(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def close(self) -> None:
+        """Close the database; the storage is unusable afterwards."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            self._db.close()
+            self._unlock_exclusive()
+
+    def __enter__(self) -> SQLiteStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"storage {self.path} is closed")
+
+    def _set_synchronous(self, level: str) -> None:
+        # A per-connection setting that SQLite reads at each commit; it can
+        # only change outside a transaction.
+        if level != self._synchronous:
+            self._db.execute(f"PRAGMA synchronous={level}")
+            self._synchronous = level
+
+    @contextmanager
+    def _transaction(self, sync: bool) -> Iterator[sqlite3.Connection]:
+        """A write transaction, holding the database's write lock throughout.
+
+        ``sync`` makes the commit durable against power loss; without it the
+        commit survives a crash of this process but perhaps not of the host.
+        """
+        self._set_synchronous("FULL" if sync else "NORMAL")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            # SQLite rolls back by itself after some errors (disk full, I/O).
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    # -- adding ------------------------------------------------------------------
+
+    # IStorage types messages as ``object``; the methods here take and give
+    # ``Message`` like FilesystemStorage's, hence the ``override`` ignores.
+
+    def add(self, queue: str, messages: Sequence[Message]) -> list[str]:
+        """Store ``messages`` in ``queue``, durably; see ``IStorage.add``."""
+        validate_queue(queue)
+        messages = list(messages)
+        for m in messages:
+            m.validate(self.max_payload)
+        with self._mutex:
+            self._check_open()
+            now = self._clock()
+            if self.dedup:
+                self._refuse_too_old(messages, now)
+            if not messages:
+                return []
+            with self._transaction(sync=True) as db:
+                if self.dedup:
+                    self._maybe_prune(db, now)
+                    new = []
+                    for m in messages:
+                        cur = db.execute(
+                            "INSERT OR IGNORE INTO seen (id, ms) VALUES (?, ?)",
+                            (bytes.fromhex(m.id), id_millis(m.id)),
+                        )
+                        if cur.rowcount:
+                            new.append(m)
+                else:
+                    new = messages
+                if not new:
+                    return []
+                # Raising here rolls back the ids recorded above as well.
+                self._check_limits(db, len(new), sum(len(m.payload) for m in new))
+                db.executemany(
+                    "INSERT INTO messages (queue, id, priority, channel, destination, "
+                    "size, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            queue,
+                            m.id,
+                            m.priority,
+                            m.channel,
+                            m.destination,
+                            len(m.payload),
+                            m.payload,
+                        )
+                        for m in new
+                    ],
+                )
+            return [m.id for m in new]
+
+    def _refuse_too_old(self, messages: Sequence[Message], now: float) -> None:
+        # An id older than the window may have been stored and forgotten since;
+        # storing it again could deliver it twice (promise A2), so refuse it.
+        oldest_ms = (now - self.dedup_window) * 1000
+        for m in messages:
+            if id_millis(m.id) < oldest_ms:
+                raise InvalidMessage(
+                    f"message {m.id} is older than the dedup window of "
+                    f"{self.dedup_window:g} seconds, so it may have been stored "
+                    "already; nothing was stored. Fail it at the sender"
+                )
+
+    def _maybe_prune(self, db: sqlite3.Connection, now: float) -> None:
+        if now - self._pruned_at < _PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        db.execute("DELETE FROM seen WHERE ms < ?", (int((now - self.dedup_window) * 1000),))
+
+    def _check_limits(self, db: sqlite3.Connection, count: int, nbytes: int) -> None:
+        if self.max_bytes is None and self.max_messages is None:
+            return
+        waiting, waiting_bytes = db.execute(
+            "SELECT count, bytes FROM totals WHERE k = 0"
+        ).fetchone()
+        if self.max_messages is not None and waiting + count > self.max_messages:
+            raise StorageFull(
+                f"{self.path} is full: {waiting} messages wait and the limit is "
+                f"{self.max_messages}; nothing was stored. Retry once messages "
+                "are delivered, or raise max_messages"
+            )
+        if self.max_bytes is not None and waiting_bytes + nbytes > self.max_bytes:
+            raise StorageFull(
+                f"{self.path} is full: {waiting_bytes} payload bytes wait, "
+                f"{nbytes} more would pass the limit of {self.max_bytes}; nothing "
+                "was stored. Retry once messages are delivered, or raise max_bytes"
+            )
+
+    # -- taking and settling ------------------------------------------------------------
+
+    def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:  # type: ignore[override]
+        """Claim up to ``limit`` messages of ``queue``; see ``IStorage.take``."""
+        validate_queue(queue)
+        if limit < 1:
+            return []
+        lease_s = self.default_lease if lease is None else lease
+        with self._mutex:
+            self._check_open()
+            now_ms = int(self._clock() * 1000)
+            expiry = now_ms + int(lease_s * 1000)
+            # Tells this claim from a later one of the same row (see release).
+            claim = int.from_bytes(os.urandom(7), "big")
+            # Not synced: a take lost to a power loss only frees the message.
+            with self._transaction(sync=False) as db:
+                rows = db.execute(
+                    "SELECT seq, id, priority, channel, destination, payload FROM messages "
+                    "WHERE queue = ? AND lease_until <= ? ORDER BY priority, seq LIMIT ?",
+                    (queue, now_ms, limit),
+                ).fetchall()
+                for chunk in _chunks([row[0] for row in rows]):
+                    db.execute(
+                        f"UPDATE messages SET lease_until = ?, claim = ? "
+                        f"WHERE seq IN ({','.join('?' * len(chunk))})",
+                        (expiry, claim, *chunk),
+                    )
+        return [
+            Message(
+                id=msg_id,
+                payload=bytes(payload),
+                channel=channel,
+                priority=priority,
+                destination=destination,
+                receipt=_Receipt(self._token, seq, claim),
+            )
+            for seq, msg_id, priority, channel, destination, payload in rows
+        ]
+
+    def _receipts(self, messages: Iterable[Message]) -> list[_Receipt]:
+        """The receipts of ``messages``; raise before any change if one is foreign."""
+        receipts = []
+        for m in messages:
+            r = m.receipt
+            if not isinstance(r, _Receipt) or r.storage is not self._token:
+                raise UnknownMessage(
+                    f"message {m.id} was not taken from this storage: ack, release "
+                    "and fail the Message objects that take() returned"
+                )
+            receipts.append(r)
+        return receipts
+
+    def ack(self, messages: Iterable[Message]) -> None:  # type: ignore[override]
+        """Forget taken ``messages``; durable on return when ``sync_acks``.
+
+        Acking a message twice, or one whose lease ran out and that someone
+        else took meanwhile, is harmless: the work on it was done.
+        """
+        receipts = self._receipts(messages)
+        with self._mutex:
+            self._check_open()
+            with self._transaction(sync=self.sync_acks) as db:
+                db.executemany("DELETE FROM messages WHERE seq = ?", [(r.seq,) for r in receipts])
+
+    def release(self, messages: Iterable[Message]) -> None:  # type: ignore[override]
+        """Hand taken ``messages`` out again (no sync: a lost release only delays)."""
+        receipts = self._receipts(messages)
+        with self._mutex:
+            self._check_open()
+            with self._transaction(sync=False) as db:
+                # Only our own claim: if the lease ran out and another consumer
+                # took the message since, freeing it would hand it out a third
+                # time while that consumer still works on it.
+                db.executemany(
+                    "UPDATE messages SET lease_until = 0, claim = NULL WHERE seq = ? AND claim = ?",
+                    [(r.seq, r.claim) for r in receipts],
+                )
+
+    def fail(self, messages: Iterable[Message], reason: str) -> None:  # type: ignore[override]
+        """Move taken ``messages`` to the failed area with ``reason``, durably."""
+        if not isinstance(reason, str) or not reason:
+            raise InvalidMessage("fail() needs a reason: a short text saying what went wrong")
+        receipts = self._receipts(messages)
+        with self._mutex:
+            self._check_open()
+            now = self._clock()
+            with self._transaction(sync=True) as db:
+                db.executemany(
+                    "INSERT INTO failed (queue, id, priority, channel, destination, payload, "
+                    "reason, failed_at) SELECT queue, id, priority, channel, destination, "
+                    "payload, ?, ? FROM messages WHERE seq = ?",
+                    [(reason, now, r.seq) for r in receipts],
+                )
+                db.executemany("DELETE FROM messages WHERE seq = ?", [(r.seq,) for r in receipts])
+
+    # -- looking -----------------------------------------------------------------
+
+    def queues(self) -> list[str]:
+        """Queues holding messages, waiting or failed."""
+        with self._mutex:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT DISTINCT queue FROM messages UNION SELECT DISTINCT queue FROM failed"
+            ).fetchall()
+        return sorted(row[0] for row in rows)
+
+    def stats(self) -> dict[str, QueueStats]:
+        """Figures for every queue; scans the messages table."""
+        with self._mutex:
+            self._check_open()
+            now = self._clock()
+            now_ms = int(now * 1000)
+            db = self._db
+            # One read transaction, so the figures describe a single moment.
+            db.execute("BEGIN")
+            try:
+                waiting = db.execute(
+                    "SELECT queue, COUNT(*), SUM(size), MIN(id), SUM(lease_until > ?) "
+                    "FROM messages GROUP BY queue",
+                    (now_ms,),
+                ).fetchall()
+                failed = dict(
+                    db.execute("SELECT queue, COUNT(*) FROM failed GROUP BY queue").fetchall()
+                )
+            finally:
+                db.execute("COMMIT")
+        result: dict[str, QueueStats] = {}
+        for queue, depth, nbytes, oldest_id, taken in waiting:
+            oldest = max(0.0, now - id_time(oldest_id))
+            result[queue] = QueueStats(depth, nbytes, oldest, taken, failed.pop(queue, 0))
+        for queue, count in failed.items():
+            result[queue] = QueueStats(0, 0, 0.0, 0, count)
+        return dict(sorted(result.items()))
+
+    def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:  # type: ignore[override]
+        """Up to ``limit`` failed messages of ``queue`` with their reasons, oldest first."""
+        validate_queue(queue)
+        with self._mutex:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT id, priority, channel, destination, payload, reason FROM failed "
+                "WHERE queue = ? ORDER BY seq LIMIT ?",
+                (queue, max(0, limit)),
+            ).fetchall()
+        return [
+            (
+                Message(
+                    id=msg_id,
+                    payload=bytes(payload),
+                    channel=channel,
+                    priority=priority,
+                    destination=destination,
+                ),
+                reason,
+            )
+            for msg_id, priority, channel, destination, payload, reason in rows
+        ]

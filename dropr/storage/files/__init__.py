@@ -1,0 +1,1 @@
+"""The file-system storage, dropr's default."""
