@@ -208,7 +208,7 @@ def test_requeue_and_purge_ask_first(tmp_path: Path) -> None:
     out = run("purge", "failed", "--store", store, "--older-than", "1h", "--yes")
     assert out.stdout == b"no failed messages match\n"
     out = run("purge", "failed", "--store", store, "--channel", "orders", "-y", "--json")
-    assert json.loads(out.stdout) == {"purged": 2, "damaged": []}
+    assert json.loads(out.stdout) == {"purged": 2, "left": []}
     assert run("list", "--store", store, "--json", "--state", "failed").stdout == b""
     out = run("purge", "processed", "--store", store, "--older-than", "7d")
     assert out.returncode == 0 and out.stdout == b"deleted 0 finished buckets\n"
