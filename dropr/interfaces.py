@@ -194,6 +194,13 @@ class ISpoolStorage(IStorage, IUsage):
     def queue_names() -> list[str]:
         """Queues (destinations) that may hold messages; cheap, no walk."""
 
+    def count_usage() -> tuple[int, int]:
+        """Count what waits now (a walk, perhaps) and make it the figure ``usage`` reports.
+
+        The client daemon calls it at each rescan, in its disk thread, so
+        producers' limit checks read fresh figures without a walk of their own.
+        """
+
 
 class IWakeSource(Interface):
     """Tells a consumer that a queue got messages, instead of polling."""
@@ -216,6 +223,9 @@ class ITransport(Interface):
         message, or fails when the destination could not be reached (in
         which case nothing can be assumed stored).
         """
+
+    def close() -> Any:
+        """Let go of connections; a Deferred that fires once they are closed."""
 
 
 class IMessageAdmin(Interface):

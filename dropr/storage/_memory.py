@@ -14,7 +14,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +26,7 @@ from dropr.errors import InvalidMessage, StorageClosed, StorageFull, UnknownMess
 from dropr.interfaces import (
     FailedMessage,
     IMessageAdmin,
+    IReceivingStore,
     ISpoolStorage,
     IStorage,
     IUsage,
@@ -58,7 +59,7 @@ class _Receipt:
     claim: int
 
 
-@implementer(IStorage, ISpoolStorage, IUsage, IWakeSource, IMessageAdmin)
+@implementer(IStorage, IReceivingStore, ISpoolStorage, IUsage, IWakeSource, IMessageAdmin)
 class MemoryStorage:
     """Queues in memory, with the semantics of the durable storages.
 
@@ -121,55 +122,98 @@ class MemoryStorage:
 
     def add(self, queue: str, messages: Sequence[Message]) -> list[str]:
         """Store ``messages`` in ``queue``; see ``IStorage.add``."""
-        validate_queue(queue)
-        messages = list(messages)
-        for m in messages:
-            m.validate(self.max_payload)
+        return self.store([(queue, messages)])
+
+    def store(
+        self,
+        batches: Sequence[tuple[str, Sequence[Message]]],
+        records: Mapping[str, bytes] | None = None,
+    ) -> list[str]:
+        """Store ``(queue, messages)`` pairs, all or nothing; see ``IReceivingStore.store``.
+
+        ``records`` is ignored: memory keeps ``Message`` objects.
+        """
+        checked = []
+        for queue, messages in batches:
+            validate_queue(queue)
+            messages = list(messages)
+            for m in messages:
+                m.validate(self.max_payload)
+            checked.append((queue, messages))
         with self._mutex:
             self._check_open()
             now = self._clock()
-            new = messages
             if self.dedup:
                 self._prune(now)
-                oldest_ms = (now - self.dedup_window) * 1000
+            plan: list[tuple[str, list[Message]]] = []
+            ids: set[str] = set()
+            for queue, messages in checked:
+                new = []
                 for m in messages:
-                    if id_millis(m.id) < oldest_ms:
-                        raise InvalidMessage(
-                            f"message {m.id} is older than the dedup window of "
-                            f"{self.dedup_window:g} seconds, so it may have been "
-                            "stored already; nothing was stored. Fail it at the sender"
-                        )
-                new, ids = [], set()
-                for m in messages:
-                    if m.id not in self._seen and m.id not in ids:
+                    if self.dedup:
+                        self._refuse_too_old(m, now)
+                        if m.id in self._seen or m.id in ids:
+                            continue
                         ids.add(m.id)
-                        new.append(m)
-            if not new:
-                return []
-            nbytes = sum(len(m.payload) for m in new)
-            if self.max_messages is not None and self._count + len(new) > self.max_messages:
-                raise StorageFull(
-                    f"memory storage is full: {self._count} messages wait and the "
-                    f"limit is {self.max_messages}; nothing was stored"
-                )
-            if self.max_bytes is not None and self._bytes + nbytes > self.max_bytes:
-                raise StorageFull(
-                    f"memory storage is full: {self._bytes} payload bytes wait, "
-                    f"{nbytes} more would pass the limit of {self.max_bytes}; "
-                    "nothing was stored"
-                )
-            by_priority = self._queues.setdefault(queue, {})
-            for m in new:
-                entry = _Entry(replace(m, receipt=None))
-                by_priority.setdefault(m.priority, {})[next(self._seq)] = entry
-                if self.dedup:
-                    self._seen[m.id] = id_millis(m.id)
-            self._count += len(new)
+                    new.append(m)
+                if new:
+                    plan.append((queue, new))
+            count = sum(len(new) for _, new in plan)
+            nbytes = sum(len(m.payload) for _, new in plan for m in new)
+            self._check_limits(count, nbytes)
+            watchers: list[Callable[[], None]] = []
+            for queue, new in plan:
+                by_priority = self._queues.setdefault(queue, {})
+                for m in new:
+                    entry = _Entry(replace(m, receipt=None))
+                    by_priority.setdefault(m.priority, {})[next(self._seq)] = entry
+                    if self.dedup:
+                        self._seen[m.id] = id_millis(m.id)
+                watchers.extend(self._watchers.get(queue, ()))
+            self._count += count
             self._bytes += nbytes
-            watchers = list(self._watchers.get(queue, ()))
         for callback in watchers:
             callback()
-        return [m.id for m in new]
+        return [m.id for _, new in plan for m in new]
+
+    def _refuse_too_old(self, m: Message, now: float) -> None:
+        # An id older than the window may have been stored and forgotten
+        # since; storing it again could deliver it twice.
+        if id_millis(m.id) < (now - self.dedup_window) * 1000:
+            raise InvalidMessage(
+                f"message {m.id} is older than the dedup window of "
+                f"{self.dedup_window:g} seconds, so it may have been "
+                "stored already; nothing was stored. Fail it at the sender"
+            )
+
+    def _check_limits(self, count: int, nbytes: int) -> None:
+        if self.max_messages is not None and self._count + count > self.max_messages:
+            raise StorageFull(
+                f"memory storage is full: {self._count} messages wait and the "
+                f"limit is {self.max_messages}; nothing was stored"
+            )
+        if self.max_bytes is not None and self._bytes + nbytes > self.max_bytes:
+            raise StorageFull(
+                f"memory storage is full: {self._bytes} payload bytes wait, "
+                f"{nbytes} more would pass the limit of {self.max_bytes}; "
+                "nothing was stored"
+            )
+
+    def oldest_accepted_id(self) -> str:
+        """Ids sorting below this are older than the dedup window; see IReceivingStore."""
+        if not self.dedup:
+            return ""
+        return f"{max(0, int((self._clock() - self.dedup_window) * 1000)):012x}"
+
+    def channel_count(self) -> int:
+        """How many queues hold messages, waiting or failed."""
+        return len(self.queues())
+
+    def upkeep(self) -> None:
+        """Prune the dedup record; nothing else needs doing in memory."""
+        with self._mutex:
+            if self.dedup and not self._closed:
+                self._prune(self._clock())
 
     def _prune(self, now: float) -> None:
         if now - self._pruned_at < _PRUNE_EVERY:
@@ -304,6 +348,10 @@ class MemoryStorage:
         """``(messages, payload bytes)`` waiting or taken."""
         with self._mutex:
             return self._count, self._bytes
+
+    def count_usage(self) -> tuple[int, int]:
+        """The same: memory keeps exact figures."""
+        return self.usage()
 
     # -- IWakeSource -------------------------------------------------------------------
 
