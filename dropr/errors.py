@@ -34,6 +34,10 @@ class StorageLocked(DroprError):
     """Another process holds the exclusive lock of a spool or store."""
 
 
+class StoreNotFound(DroprError, FileNotFoundError):
+    """No spool or store where one was named: check the path or spec."""
+
+
 class StorageClosed(DroprError, ValueError):
     """A spool or store was used after ``close()``: open it again."""
 
