@@ -22,6 +22,9 @@ from dropr._message import Message
 from dropr.admin import cli as cli
 from dropr.storage.files._storage import FilesystemStorage
 
+# The dropr command as a real process, on a pseudo-terminal too.
+pytestmark = pytest.mark.slow
+
 
 def run(
     *args: str, stdin: bytes = b"", env: dict[str, str] | None = None

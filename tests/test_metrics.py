@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, LogLevel
@@ -329,6 +330,7 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_a_real_server_counts_and_logs_json(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     server = ServerProcess(
@@ -394,6 +396,7 @@ def test_a_real_server_counts_and_logs_json(tmp_path: Path) -> None:
     assert any(e["text"] == "dropr-server stopped" for e in events)
 
 
+@pytest.mark.slow
 def test_a_real_client_serves_its_metrics(tmp_path: Path) -> None:
     port = free_port()
     server = ServerProcess(str(tmp_path / "store"), str(tmp_path / "server.log")).start_and_wait()
@@ -486,6 +489,7 @@ def test_the_documented_metrics_exist() -> None:
         assert named <= served, f"{page} names metrics no daemon serves: {named - served}"
 
 
+@pytest.mark.slow
 def test_refusals_before_a_request_is_whole_are_counted(tmp_path: Path) -> None:
     """431 (a head line too long) and 408 (too slow) are answered without a request."""
     server = ServerProcess(
@@ -508,6 +512,7 @@ def test_refusals_before_a_request_is_whole_are_counted(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_twistd_logger_option_gives_json_lines_on_stdout(tmp_path: Path) -> None:
     """``twistd --logger=dropr.daemon.logs.json_observer``, for setups that log stdout."""
     port = free_port()
