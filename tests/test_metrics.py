@@ -34,7 +34,14 @@ from dropr.monitoring._metrics import (
     StatsCache,
 )
 from dropr.storage.files._storage import FilesystemStorage
-from dropr.testing import ClientProcess, ServerProcess, free_port, twistd_command, wait_until
+from dropr.testing import (
+    ClientProcess,
+    MemoryStorage,
+    ServerProcess,
+    free_port,
+    twistd_command,
+    wait_until,
+)
 from dropr.wire import CONTENT_TYPE, encode_batch
 
 
@@ -148,8 +155,12 @@ def store_with_messages(path: Path) -> str:
 
 
 def test_server_metrics_count_what_the_hooks_report(tmp_path: Path) -> None:
-    store = store_with_messages(tmp_path / "store")
-    reader = FilesystemStorage(store)
+    now = [time.time()]
+    reader = MemoryStorage(clock=lambda: now[0])
+    old, young, bad = id_at(now[0] - 42.5), *new_ids(2)
+    reader.add("orders", [Message(bad, b"12345", "orders", 0)])  # taken first, failed
+    reader.add("orders", [Message(i, b"12345", "orders", 5) for i in (old, young)])
+    reader.fail(reader.take("orders", 1), "bad")
     try:
         m = ServerMetrics(reader.stats)
         m.stored("orders", received=5, new=3, new_bytes=30, seconds=0.004)
@@ -175,7 +186,9 @@ def test_server_metrics_count_what_the_hooks_report(tmp_path: Path) -> None:
     assert got[("dropr_store_depth", (("channel", "orders"),))] == 2
     assert got[("dropr_store_bytes", (("channel", "orders"),))] == 10
     assert got[("dropr_store_failed", (("channel", "orders"),))] == 1
-    assert got[("dropr_store_oldest_age_seconds", (("channel", "orders"),))] >= 0
+    assert got[("dropr_store_oldest_age_seconds", (("channel", "orders"),))] == pytest.approx(
+        42.5, abs=0.01
+    )
     assert ("dropr_store_stats_seconds", ()) in got
     assert ("process_cpu_seconds_total", ()) in got
 

@@ -23,7 +23,7 @@ def message_admin(storage: IStorage) -> IMessageAdmin:
     cannot list and repair its messages.
     """
     if IMessageAdmin.providedBy(storage):
-        return storage  # type: ignore[return-value]
+        return storage
     from dropr.storage.files._storage import FilesystemStorage
 
     if isinstance(storage, FilesystemStorage):
@@ -39,7 +39,7 @@ def message_admin(storage: IStorage) -> IMessageAdmin:
 def wake_source(storage: IStorage) -> IWakeSource | None:
     """``storage``'s ``IWakeSource``, or None when consumers must poll it."""
     if IWakeSource.providedBy(storage):
-        return storage  # type: ignore[return-value]
+        return storage
     from dropr.storage.files._storage import FilesystemStorage
 
     if isinstance(storage, FilesystemStorage):
@@ -65,4 +65,4 @@ class _WakeFileWatch:
             mask=inotify.IN_ATTRIB | inotify.IN_MODIFY,
             callbacks=[lambda *_: callback()],
         )
-        return notifier.loseConnection  # type: ignore[no-any-return]
+        return notifier.loseConnection

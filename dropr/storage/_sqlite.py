@@ -297,9 +297,6 @@ class SQLiteStorage:
 
     # -- adding ------------------------------------------------------------------
 
-    # IStorage types messages as ``object``; the methods here take and give
-    # ``Message`` like FilesystemStorage's, hence the ``override`` ignores.
-
     def add(self, queue: str, messages: Sequence[Message]) -> list[str]:
         """Store ``messages`` in ``queue``, durably; see ``IStorage.add``."""
         validate_queue(queue)
@@ -387,7 +384,7 @@ class SQLiteStorage:
 
     # -- taking and settling ------------------------------------------------------------
 
-    def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:  # type: ignore[override]
+    def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:
         """Claim up to ``limit`` messages of ``queue``; see ``IStorage.take``."""
         validate_queue(queue)
         if limit < 1:
@@ -438,7 +435,7 @@ class SQLiteStorage:
             receipts.append(r)
         return receipts
 
-    def ack(self, messages: Iterable[Message]) -> None:  # type: ignore[override]
+    def ack(self, messages: Iterable[Message]) -> None:
         """Forget taken ``messages``; durable on return when ``sync_acks``.
 
         Acking a message twice, or one whose lease ran out and that someone
@@ -450,7 +447,7 @@ class SQLiteStorage:
             with self._transaction(sync=self.sync_acks) as db:
                 db.executemany("DELETE FROM messages WHERE seq = ?", [(r.seq,) for r in receipts])
 
-    def release(self, messages: Iterable[Message]) -> None:  # type: ignore[override]
+    def release(self, messages: Iterable[Message]) -> None:
         """Hand taken ``messages`` out again (no sync: a lost release only delays)."""
         receipts = self._receipts(messages)
         with self._mutex:
@@ -464,7 +461,7 @@ class SQLiteStorage:
                     [(r.seq, r.claim) for r in receipts],
                 )
 
-    def fail(self, messages: Iterable[Message], reason: str) -> None:  # type: ignore[override]
+    def fail(self, messages: Iterable[Message], reason: str) -> None:
         """Move taken ``messages`` to the failed area with ``reason``, durably."""
         if not isinstance(reason, str) or not reason:
             raise InvalidMessage("fail() needs a reason: a short text saying what went wrong")
@@ -520,7 +517,7 @@ class SQLiteStorage:
             result[queue] = QueueStats(0, 0, 0.0, 0, count)
         return dict(sorted(result.items()))
 
-    def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:  # type: ignore[override]
+    def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:
         """Up to ``limit`` failed messages of ``queue`` with their reasons, oldest first."""
         validate_queue(queue)
         with self._mutex:
