@@ -82,13 +82,20 @@ def test_handler_failures_are_retried_then_failed_with_the_reason() -> None:
 def test_a_store_without_wake_source_is_polled(tmp_path: Path) -> None:
     storage = SQLiteStorage(str(tmp_path / "store.db"))
     seen: list[bytes] = []
-    consumer, clock = _consumer(storage, lambda m: seen.append(m.payload), poll=5)
+    clock = task.Clock()
+    # The consumer opens the store by spec, as dropr-server's --store names it.
+    store = dropr.Store(f"sqlite://{tmp_path}/store.db")
+    consumer = ChannelConsumer(
+        store, "orders", lambda m: seen.append(m.payload), clock, run_on_disk=run_now, poll=5
+    )
     consumer.startService()
     storage.add("orders", _messages(2))
     assert seen == []
     clock.advance(5)
     assert seen == [b"m0", b"m1"]
     consumer.stopService()
+    assert storage.take("orders", 10) == []  # acked through the store the spec named
+    store.close()
     storage.close()
 
 
