@@ -65,7 +65,7 @@ def test_a_failing_destination_backs_off_alone(tmp_path: Path) -> None:
         return [SendResult(m.id, True) for m in messages]
 
     transport = FakeTransport(answer)
-    client, clock = service(tmp_path, transport)
+    client, _ = service(tmp_path, transport)
     with dropr.Spool(str(tmp_path / "spool")) as producer:
         producer.put(b"a1", A)
         producer.put(b"b1", B)
