@@ -21,6 +21,7 @@ from dropr.errors import (
     InvalidMessage,
     PayloadTooLarge,
     StorageFull,
+    StorageIOError,
     StorageLocked,
     UnknownMessage,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "PayloadTooLarge",
     "Spool",
     "StorageFull",
+    "StorageIOError",
     "StorageLocked",
     "Store",
     "UnknownMessage",

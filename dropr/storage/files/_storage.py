@@ -20,8 +20,6 @@ from __future__ import annotations
 import base64
 import bisect
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import re
@@ -29,6 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -37,18 +36,25 @@ from zope.interface import implementer
 
 from dropr._ids import advance_to, id_time, new_id
 from dropr._message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
-from dropr.errors import InvalidMessage, StorageFull, StorageLocked, UnknownMessage
+from dropr.errors import (
+    InvalidMessage,
+    StorageFull,
+    StorageIOError,
+    StorageLocked,
+    UnknownMessage,
+)
 from dropr.interfaces import IReceivingStore, ISpoolStorage, IStorage, IUsage, QueueStats
 from dropr.storage import _batchfile as batchfile
 from dropr.storage._batchfile import BatchName
 from dropr.storage.files._dedup import DedupIndex
 from dropr.storage.files._dirlisting import DirListing
+from dropr.storage.files._disk import REAL_DISK, Disk, is_disk_full
 from dropr.storage.files._durable import (
     ensure_dir,
-    fsync_dir,
     pid_alive,
     remove_empty_dirs,
     rename_into,
+    unlink_quietly,
     write_new_file,
 )
 from dropr.storage.files._statelog import STATE_NAME, StateLog, format_indexes, line
@@ -66,6 +72,12 @@ _CACHE_BYTES = 64 * 1024 * 1024
 _MESSAGE_OVERHEAD = 400
 
 
+def _release_line(take_line: str) -> str:
+    """The ``R`` line that undoes the lease of ``take_line`` (``T batch expiry idx owner crc``)."""
+    _op, batch_id, _expiry, indexes, owner, _crc = take_line.split()
+    return line("R", batch_id, indexes, owner)
+
+
 def _cache_cost(messages: list[Message]) -> int:
     return sum(len(m.payload) for m in messages) + _MESSAGE_OVERHEAD * len(messages)
 
@@ -76,10 +88,16 @@ USAGE_NAME = "usage"
 USAGE_FILE_FRESH = 6.0
 
 
-def _names(path: str) -> list[str]:
+#: Queues whose lock and per-bucket state a storage object keeps, at most.
+_QUEUES_KEPT = 256
+#: Buckets of one queue whose state log and scan are kept, at most.
+_BUCKETS_KEPT = 64
+
+
+def _names(path: str, disk: Disk = REAL_DISK) -> list[str]:
     """The entries of directory ``path``; none if it is gone."""
     try:
-        return os.listdir(path)
+        return disk.listdir(path)
     except (FileNotFoundError, NotADirectoryError):
         return []
 
@@ -172,43 +190,66 @@ class _BucketScan:
 
 
 class _Queue:
-    """One queue's directory, its lock and what this process knows of it."""
+    """One queue's directory, its lock and what this process knows of it.
 
-    def __init__(self, name: str, path: str) -> None:
+    The state logs and scans of at most ``_BUCKETS_KEPT`` buckets are kept,
+    the least recently used dropped: a bucket another process removed is
+    forgotten here too, so memory follows what a consumer holds, not what
+    it has seen.
+    """
+
+    def __init__(self, name: str, path: str, disk: Disk) -> None:
         self.name = name
         self.path = path
+        self.disk = disk
         self._lock_fd = -1
-        self.logs: dict[str, StateLog] = {}
-        self.scans: dict[str, _BucketScan] = {}
+        self.logs: OrderedDict[str, StateLog] = OrderedDict()
+        self.scans: OrderedDict[str, _BucketScan] = OrderedDict()
+        #: Leases of a take that failed half-way and could not be released
+        #: at once: (bucket, lines), released at the next call.
+        self.pending_releases: list[tuple[str, list[str]]] = []
 
     def scan(self, bucket: str, names: list[str]) -> _BucketScan:
         """The parsed listing of ``bucket`` (``names`` is the current one)."""
         scan = self.scans.get(bucket)
         if scan is None:
             scan = self.scans[bucket] = _BucketScan(names)
-        elif scan.names is not names:
-            scan = self.scans[bucket] = scan.relisted(names)
+            while len(self.scans) > _BUCKETS_KEPT:
+                self.scans.popitem(last=False)
+        else:
+            self.scans.move_to_end(bucket)
+            if scan.names is not names:
+                scan = self.scans[bucket] = scan.relisted(names)
         return scan
 
     def lock(self) -> None:
         if self._lock_fd < 0:
-            ensure_dir(self.path)
-            self._lock_fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            ensure_dir(self.path, disk=self.disk)
+            self._lock_fd = self.disk.open_lock(os.path.join(self.path, "lock"))
+        self.disk.lock(self._lock_fd)
 
     def unlock(self) -> None:
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self.disk.unlock(self._lock_fd)
 
     def close(self) -> None:
         if self._lock_fd >= 0:
-            os.close(self._lock_fd)
+            self.disk.close(self._lock_fd)
             self._lock_fd = -1
 
     def log(self, bucket: str) -> StateLog:
         log = self.logs.get(bucket)
         if log is None:
-            log = self.logs[bucket] = StateLog(bucket)
+            log = self.logs[bucket] = StateLog(bucket, self.disk)
+            while len(self.logs) > _BUCKETS_KEPT:
+                self.logs.popitem(last=False)
+        else:
+            self.logs.move_to_end(bucket)
         return log
+
+    def forget(self, bucket: str) -> None:
+        """Drop what is known of a removed bucket."""
+        self.logs.pop(bucket, None)
+        self.scans.pop(bucket, None)
 
 
 @implementer(IStorage, IUsage, IReceivingStore, ISpoolStorage)
@@ -233,6 +274,9 @@ class FilesystemStorage:
     :param sole_taker: this object is the only one that takes from these
         queues (a client daemon and its spool), so leases written by anyone
         else are left over from a process that is gone and count as free.
+    :param clock: the wall clock (seconds since the epoch) of leases and
+        bucket times; see docs/guarantees.rst for what a step of it does.
+    :param disk: every disk effect goes through it (tests pass a faulty one).
     """
 
     log = Logger()
@@ -252,7 +296,14 @@ class FilesystemStorage:
         sole_taker: bool = False,
         usage_refresh: float = 1.0,
         clock: Callable[[], float] = time.time,
+        disk: Disk = REAL_DISK,
     ) -> None:
+        if max_payload > batchfile.MAX_PAYLOAD:
+            raise InvalidMessage(
+                f"max_payload {max_payload} is above {batchfile.MAX_PAYLOAD} bytes, the "
+                "largest payload a batch file can hold; give a smaller max_payload"
+            )
+        self.disk = disk
         self.path = os.path.abspath(path)
         self.max_bytes = max_bytes
         self.max_messages = max_messages
@@ -262,8 +313,8 @@ class FilesystemStorage:
         self.usage_refresh = usage_refresh
         self._clock = clock
         self._mutex = threading.RLock()
-        self._queues: dict[str, _Queue] = {}
-        self._listing = DirListing()
+        self._queues: OrderedDict[str, _Queue] = OrderedDict()
+        self._listing = DirListing(disk)
         self._cache: OrderedDict[str, list[Message]] = OrderedDict()
         self._cache_bytes = 0
         self._usage: tuple[float, int, int] | None = None
@@ -283,28 +334,27 @@ class FilesystemStorage:
         self.failed_dir = os.path.join(self.path, "failed")
         self.quarantine_dir = os.path.join(self.path, "quarantine")
         for d in (self.path, self.tmp_dir, self.queues_dir, self.failed_dir, self.quarantine_dir):
-            ensure_dir(d)
+            ensure_dir(d, disk=disk)
         if exclusive or dedup or sole_taker:
             self._lock_root()
         self.dedup: DedupIndex | None = None
         if dedup:
             self.dedup = DedupIndex(
-                os.path.join(self.path, "ids"), window=dedup_window, clock=clock
+                os.path.join(self.path, "ids"), window=dedup_window, clock=clock, disk=disk
             )
             # Batch ids must never fall below the checkpoint, whatever the
             # clock did while the store was closed (see ids.advance_to).
             advance_to(self.dedup.checkpoint_ms + 1)
-        self.recover()
+        with self._disk_errors():
+            self.recover()
 
     # -- opening and recovery -------------------------------------------------
 
     def _lock_root(self) -> None:
-        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
-            os.close(fd)
+        fd = self.disk.open_lock(os.path.join(self.path, "lock"))
+        if not self.disk.lock(fd, blocking=False):
+            holder = self.disk.read_lock_note(fd) or "another process"
+            self.disk.close(fd)
             raise StorageLocked(
                 f"{self.path} is in use by pid {holder}: only one daemon may own "
                 "a spool or store; stop the other one, or give this one another "
@@ -313,8 +363,7 @@ class FilesystemStorage:
         # (chaos) Who holds the lock is for error messages only: a full disk
         # must not keep a daemon from starting.
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.disk.write_lock_note(fd, f"{os.getpid()}\n")
         self._root_lock_fd = fd
 
     def recover(self) -> dict[str, int]:
@@ -327,16 +376,16 @@ class FilesystemStorage:
         """
         removed = 0
         now = time.time()
-        for name in os.listdir(self.tmp_dir):
+        for name in self.disk.listdir(self.tmp_dir):
             path = os.path.join(self.tmp_dir, name)
             m = _TMP_RE.match(name)
             try:
-                age = now - os.stat(path).st_mtime
+                age = now - self.disk.stat(path).st_mtime
             except FileNotFoundError:
                 continue
             if m is None or not pid_alive(int(m.group(1))) or age > _TMP_MAX_AGE:
                 try:
-                    os.unlink(path)
+                    self.disk.unlink(path)
                     removed += 1
                 except FileNotFoundError:
                     pass
@@ -349,7 +398,7 @@ class FilesystemStorage:
             try:
                 relogged = self.dedup.recover(self._batches_since(self.dedup.checkpoint_ms))
             except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                if not is_disk_full(e):
                     raise
                 # (chaos) A daemon must start on a full disk: adds raise
                 # StorageFull until the ids can be indexed (_catch_up_dedup).
@@ -372,13 +421,13 @@ class FilesystemStorage:
             qpath = os.path.join(self.queues_dir, qdir)
             for p in self._priority_dirs(qpath):
                 pdir = os.path.join(qpath, p)
-                for hi in _names(pdir):
+                for hi in _names(pdir, self.disk):
                     if hi < first_hi:
                         continue
                     hidir = os.path.join(pdir, hi)
-                    for lo in _names(hidir):
+                    for lo in _names(hidir, self.disk):
                         bucket = os.path.join(hidir, lo)
-                        for name in _names(bucket):
+                        for name in _names(bucket, self.disk):
                             bn = BatchName.parse(name)
                             if bn is None or int(bn.batch_id[:12], 16) < ms:
                                 continue
@@ -403,9 +452,12 @@ class FilesystemStorage:
                 except OSError as e:
                     self.log.warn("could not close the dedup index: {error}", error=e)
             for q in self._queues.values():
-                q.close()
+                with contextlib.suppress(OSError):
+                    q.close()
+            self._queues.clear()
             if self._root_lock_fd >= 0:
-                os.close(self._root_lock_fd)
+                with contextlib.suppress(OSError):
+                    self.disk.close(self._root_lock_fd)
                 self._root_lock_fd = -1
 
     def __enter__(self) -> FilesystemStorage:
@@ -427,9 +479,26 @@ class FilesystemStorage:
         ``records`` may give, by id, a message's record already encoded as a
         batch file holds it (a server receives them so); it is written as is.
         """
-        validate_queue(queue)
-        validate_messages(messages, self.max_payload)
-        with self._mutex:
+        return self._store([(queue, messages)], records)
+
+    def _store(
+        self,
+        batches: Sequence[tuple[str, Sequence[Message]]],
+        records: Mapping[str, bytes] | None,
+    ) -> list[str]:
+        """Store ``(queue, messages)`` pairs all or nothing; the ids stored.
+
+        Every batch file is written and synced, the limits checked for the
+        whole call, then all are renamed into place and their buckets
+        synced.  Any error before the last sync takes back (durably) what was
+        placed, so the call stores nothing.  A crash in the middle leaves
+        each batch file whole or absent; the caller, never answered, sends
+        again and the dedup index stores the rest once.
+        """
+        for queue, messages in batches:
+            validate_queue(queue)
+            validate_messages(messages, self.max_payload)
+        with self._mutex, self._disk_errors():
             self._check_open()
             if self.dedup is not None:
                 if self._dedup_behind:
@@ -437,28 +506,61 @@ class FilesystemStorage:
                 # An id older than the window may have been stored and
                 # forgotten: refuse it, or it could be stored twice (A2).
                 oldest = self.dedup.oldest_id_prefix()
-                for m in messages:
-                    if m.id < oldest:
-                        raise InvalidMessage(
-                            f"message {m.id} is older than the dedup window of "
-                            f"{self.dedup.window:g} seconds, so it may have been stored "
-                            "already; nothing was stored. Fail it at the sender"
-                        )
-                # Exactly once rests on the index alone: every id is looked up.
-                messages = self.dedup.unseen(messages)
-            if not messages:
+                for _queue, messages in batches:
+                    for m in messages:
+                        if m.id < oldest:
+                            raise InvalidMessage(
+                                f"message {m.id} is older than the dedup window of "
+                                f"{self.dedup.window:g} seconds, so it may have been "
+                                "stored already; nothing was stored. Fail it at the sender"
+                            )
+                # Exactly once rests on the index alone: every id is looked up,
+                # and an id twice in one call is stored once.
+                fresh = self.dedup.unseen([m for _q, ms in batches for m in ms])
+                keep = {m.id: m for m in fresh}
+                batches = [(q, [m for m in ms if keep.pop(m.id, None) is m]) for q, ms in batches]
+            batches = [(q, ms) for q, ms in batches if ms]
+            if not batches:
                 return []
-            count = len(messages)
-            nbytes = sum(len(m.payload) for m in messages)
+            stored = [m for _q, ms in batches for m in ms]
+            count = len(stored)
+            nbytes = sum(len(m.payload) for m in stored)
             self._check_limits(count, nbytes)
-            by_priority: dict[int, list[Message]] = {}
-            for m in messages:
-                by_priority.setdefault(m.priority, []).append(m)
-            qpath = os.path.join(self.queues_dir, encode_queue(queue))
-            synced: set[str] = set()
-            written: list[tuple[str, str, BatchName]] = []
-            placed: list[str] = []
-            try:
+            written = self._place(batches, records)
+            if self.dedup is not None:
+                try:
+                    self.dedup.record([m.id for m in stored], max(n.batch_id for n in written))
+                except OSError as e:
+                    # (chaos) The batches are durable but their ids are not all
+                    # indexed.  The call still stored them: the ids are indexed
+                    # before the next look-up (_catch_up_dedup) and, after a
+                    # crash, by recovery (the checkpoint has not passed them).
+                    self._dedup_behind = True
+                    self.log.warn("stored ids not yet indexed: {error}", error=e)
+            for queue, _messages in batches:
+                qpath = os.path.join(self.queues_dir, encode_queue(queue))
+                with contextlib.suppress(OSError):
+                    self._touch_wake(qpath)  # a hint for consumers; never fail a stored add
+            if self._usage is not None:
+                at, c, b = self._usage
+                self._usage = (at, c + count, b + nbytes)
+            return [m.id for m in stored]
+
+    def _place(
+        self,
+        batches: Sequence[tuple[str, Sequence[Message]]],
+        records: Mapping[str, bytes] | None,
+    ) -> list[BatchName]:
+        """Write, rename and sync one batch file per queue and priority; all or none."""
+        synced: set[str] = set()
+        written: list[tuple[str, str, BatchName]] = []
+        placed: list[str] = []
+        try:
+            for queue, messages in batches:
+                qpath = os.path.join(self.queues_dir, encode_queue(queue))
+                by_priority: dict[int, list[Message]] = {}
+                for m in messages:
+                    by_priority.setdefault(m.priority, []).append(m)
                 for priority in sorted(by_priority):
                     group = by_priority[priority]
                     name = BatchName(new_id(), len(group), sum(len(m.payload) for m in group))
@@ -466,50 +568,49 @@ class FilesystemStorage:
                         chunks = [batchfile.MAGIC, *(records[m.id] for m in group)]
                     else:
                         chunks = batchfile.encode(group)
-                    tmp = write_new_file(self.tmp_dir, name.batch_id, chunks)
+                    tmp = write_new_file(self.tmp_dir, name.batch_id, chunks, self.disk)
                     written.append((tmp, self._bucket_dir(qpath, priority, name.batch_id), name))
-                for tmp, bucket, name in written:
-                    if ensure_dir(bucket):
-                        self._listing.forget(os.path.dirname(os.path.dirname(bucket)))
-                        self._settled_dirs.add(bucket)
-                    elif bucket not in self._settled_dirs:
-                        self._settle_dir(bucket)
-                    rename_into(tmp, bucket, str(name))
-                    placed.append(os.path.join(bucket, str(name)))
-                    synced.add(bucket)
-                for bucket in synced:
-                    fsync_dir(bucket)
-            except BaseException as e:
-                # All or nothing: take back what this call placed already.
-                for path in placed + [tmp for tmp, _b, _n in written]:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    # (chaos) A full disk is a full storage: the clear error.
-                    raise self._disk_full(e) from e
-                raise
-            if self.dedup is not None:
-                try:
-                    self.dedup.record([m.id for m in messages], written[-1][2].batch_id)
-                except OSError:
-                    # (chaos) The batch is stored but its ids are not indexed:
-                    # the resend this error brings would be stored twice.  So
-                    # they are indexed before the next lookup (_catch_up_dedup);
-                    # the checkpoint has not passed them, so also after a crash.
-                    self._dedup_behind = True
-                    raise
+            for tmp, bucket, name in written:
+                if ensure_dir(bucket, disk=self.disk):
+                    self._settled_dirs.add(bucket)
+                elif bucket not in self._settled_dirs:
+                    self._settle_dir(bucket)
+                rename_into(tmp, bucket, str(name), self.disk)
+                placed.append(os.path.join(bucket, str(name)))
+                synced.add(bucket)
+            for bucket in sorted(synced):
+                self.disk.sync_dir(bucket)
+        except BaseException:
+            # All or nothing: take back what this call placed already,
+            # durably (an undone batch must not come back after a power loss).
             with contextlib.suppress(OSError):
-                self._touch_wake(qpath)  # (chaos) a hint for consumers; never fail a stored add
-            if self._usage is not None:
-                at, c, b = self._usage
-                self._usage = (at, c + count, b + nbytes)
-            return [m.id for m in messages]
+                for path in placed + [tmp for tmp, _b, _n in written]:
+                    unlink_quietly(path, self.disk)
+                for bucket in sorted({os.path.dirname(p) for p in placed}):
+                    self.disk.sync_dir(bucket)
+            raise
+        return [name for _tmp, _bucket, name in written]
 
     def _disk_full(self, e: OSError) -> StorageFull:
         return StorageFull(
             f"{self.path} is full: its disk has no room ({e.strerror}); nothing was "
             "stored. Retry once there is room again"
         )
+
+    @contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        """Turn the disk's errors into dropr's: StorageFull or StorageIOError."""
+        try:
+            yield
+        except OSError as e:
+            if is_disk_full(e):
+                raise self._disk_full(e) from e
+            where = f" ({e.filename})" if e.filename else ""
+            raise StorageIOError(
+                f"{self.path}: the disk failed{where}: {e.strerror or e}. The call did "
+                "not complete; what it acknowledged before is kept. Check the disk "
+                "(dmesg), then retry"
+            ) from e
 
     def _catch_up_dedup(self) -> None:
         """(chaos) Index the ids of batches stored while the index could not be written.
@@ -524,19 +625,16 @@ class FilesystemStorage:
         try:
             # What the old index wrote must be durable before a new checkpoint
             # can pass it.
-            for fd in old._fds.values():
-                os.fdatasync(fd)
+            old.checkpoint()
         except OSError as e:
             raise self._disk_full(e) from e
-        for fd in old._fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        old._fds.clear()
         try:
-            self.dedup = DedupIndex(old.path, window=old.window, clock=self._clock)
+            self.dedup = DedupIndex(old.path, window=old.window, clock=self._clock, disk=self.disk)
             self.dedup.recover(self._batches_since(self.dedup.checkpoint_ms))
         except OSError as e:
-            raise self._disk_full(e) from e
+            if is_disk_full(e):
+                raise self._disk_full(e) from e
+            raise
         self._dedup_behind = False
         self.log.info("indexed the ids stored while the disk was full")
 
@@ -550,28 +648,24 @@ class FilesystemStorage:
         path = bucket
         while len(path) > len(self.path):
             parent = os.path.dirname(path)
-            fsync_dir(parent)
+            self.disk.sync_dir(parent)
             path = parent
         self._settled_dirs.add(bucket)
         if len(self._settled_dirs) > 10_000:
             self._settled_dirs.clear()
 
-    @staticmethod
-    def _touch_wake(qpath: str) -> None:
+    def _touch_wake(self, qpath: str) -> None:
         """Touch the queue's ``wake`` file: consumers watch it with inotify."""
-        path = os.path.join(qpath, WAKE_NAME)
-        try:
-            os.utime(path)
-        except FileNotFoundError:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self.disk.touch(os.path.join(qpath, WAKE_NAME))
 
     def wake_file(self, queue: str) -> str:
         """The file whose change time moves each time ``queue`` gets messages."""
         qpath = os.path.join(self.queues_dir, encode_queue(validate_queue(queue)))
-        ensure_dir(qpath)
-        path = os.path.join(qpath, WAKE_NAME)
-        if not os.path.exists(path):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        with self._disk_errors():
+            ensure_dir(qpath, disk=self.disk)
+            path = os.path.join(qpath, WAKE_NAME)
+            if not self.disk.exists(path):
+                self.disk.touch(path)
         return path
 
     def _bucket_dir(self, qpath: str, priority: int, batch_id: str) -> str:
@@ -628,19 +722,19 @@ class FilesystemStorage:
         seen: dict[str, tuple[int, int, int, int]] = {}
         for bucket in self._all_buckets():
             try:
-                mtime = os.stat(bucket).st_mtime_ns
-                state_size = os.stat(os.path.join(bucket, STATE_NAME)).st_size
+                mtime = self.disk.stat(bucket).st_mtime_ns
+                state_size = self.disk.stat(os.path.join(bucket, STATE_NAME)).st_size
             except FileNotFoundError:
                 state_size = 0
-                if not os.path.isdir(bucket):
+                if not self.disk.isdir(bucket):
                     continue
             cached = self._bucket_usage.get(bucket)
             if cached is None or cached[0] != mtime or cached[1] != state_size:
                 try:
-                    names = os.listdir(bucket)
+                    names = self.disk.listdir(bucket)
                 except FileNotFoundError:
                     continue
-                log = StateLog(bucket)
+                log = StateLog(bucket, self.disk)
                 if state_size:
                     log.refresh()
                 c = b = 0
@@ -666,10 +760,9 @@ class FilesystemStorage:
     def _read_usage_file(self) -> tuple[int, int] | None:
         path = os.path.join(self.path, USAGE_NAME)
         try:
-            if time.time() - os.stat(path).st_mtime > USAGE_FILE_FRESH:
+            if time.time() - self.disk.stat(path).st_mtime > USAGE_FILE_FRESH:
                 return None
-            with open(path, "rb") as f:
-                data = json.loads(f.read())
+            data = json.loads(self.disk.read(path))
             return int(data["messages"]), int(data["bytes"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -678,21 +771,19 @@ class FilesystemStorage:
         # Advisory figures: no sync, and a failure to write costs nothing.
         path = os.path.join(self.path, USAGE_NAME)
         tmp = f"{path}.{os.getpid()}.tmp"
+        figures = {"messages": count, "bytes": nbytes, "time": time.time()}
         with contextlib.suppress(OSError):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # whatever the umask
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                json.dump({"messages": count, "bytes": nbytes, "time": time.time()}, f)
-            os.replace(tmp, path)
+            self.disk.create(tmp, json.dumps(figures).encode(), sync=False, exclusive=False)
+            self.disk.rename(tmp, path)
 
     def _all_buckets(self) -> Iterator[str]:
         for qdir in self._listing.names(self.queues_dir):
             qpath = os.path.join(self.queues_dir, qdir)
             yield from self._buckets(qpath)
 
-    @staticmethod
-    def _priority_dirs(qpath: str) -> list[str]:
+    def _priority_dirs(self, qpath: str) -> list[str]:
         try:
-            names = os.listdir(qpath)
+            names = self.disk.listdir(qpath)
         except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted((n for n in names if len(n) == 1 and n.isdigit()), key=int)
@@ -712,18 +803,24 @@ class FilesystemStorage:
     # -- taking --------------------------------------------------------------------
 
     def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:
-        """Claim up to ``limit`` messages of ``queue``; see ``IStorage.take``."""
+        """Claim up to ``limit`` messages of ``queue``; see ``IStorage.take``.
+
+        All or nothing: a take that raises leaves no lease behind (what it
+        wrote is released again), so everything it did not return can be
+        taken at once, in order.
+        """
         validate_queue(queue)
         if limit < 1:
             return []
         lease_s = self.default_lease if lease is None else lease
-        with self._mutex:
+        with self._mutex, self._disk_errors():
             self._check_open()
             q = self._queue(queue)
-            if not os.path.isdir(q.path):
+            if not self.disk.isdir(q.path):
                 return []
             q.lock()
             try:
+                self._release_pending(q)
                 return self._take_locked(q, limit, lease_s)
             finally:
                 q.unlock()
@@ -732,6 +829,8 @@ class FilesystemStorage:
         now_ms = int(self._clock() * 1000)
         expiry = now_ms + int(lease_s * 1000)
         taken: list[Message] = []
+        leases: list[tuple[StateLog, list[str]]] = []
+        finished: list[tuple[str, StateLog]] = []
         for bucket in list(self._buckets(q.path)):
             log = q.log(bucket)
             log.refresh()
@@ -768,12 +867,47 @@ class FilesystemStorage:
                 if chosen:
                     lines.append(line("T", bn.batch_id, expiry, format_indexes(chosen), self.owner))
             if lines:
-                log.append(lines, sync=False)
+                leases.append((log, lines))
             if complete:
-                self._remove_bucket_if_done(q, bucket, log)
+                finished.append((bucket, log))
             if len(taken) >= limit:
                 break
+        self._write_leases(q, leases)
+        for bucket, log in finished:
+            # Upkeep on the way: a take that failed to clean up still took.
+            try:
+                self._remove_bucket_if_done(q, bucket, log)
+            except OSError as e:
+                self.log.warn("could not remove finished bucket {bucket}: {e}", bucket=bucket, e=e)
         return taken
+
+    def _write_leases(self, q: _Queue, leases: list[tuple[StateLog, list[str]]]) -> None:
+        """Append each bucket's ``T`` lines; on failure release those written, then raise.
+
+        (breach: a take that failed half-way kept the leases it had written,
+        so nothing was returned but early messages were held for a lease.)
+        """
+        done: list[tuple[StateLog, list[str]]] = []
+        try:
+            for log, lines in leases:
+                log.append(lines, sync=False)
+                done.append((log, lines))
+        except OSError:
+            for log, lines in done:
+                releases = [_release_line(t) for t in lines]
+                try:
+                    log.append(releases, sync=False)
+                except OSError:
+                    q.pending_releases.append((os.path.dirname(log.path), releases))
+            raise
+
+    def _release_pending(self, q: _Queue) -> None:
+        """Release the leases of an earlier failed take that could not be released then."""
+        while q.pending_releases:
+            bucket, releases = q.pending_releases[0]
+            with contextlib.suppress(FileNotFoundError):
+                q.log(bucket).append(releases, sync=False)
+            q.pending_releases.pop(0)
 
     def _lease_free(self, lease: tuple[int, str] | None, now_ms: int) -> bool:
         """True if a message under ``lease`` may be taken now.
@@ -793,8 +927,7 @@ class FilesystemStorage:
             self._cache.move_to_end(path)
             return cached
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = self.disk.read(path)
         except FileNotFoundError:
             return None
         sid, batch_id = id(self), bn.batch_id
@@ -834,8 +967,8 @@ class FilesystemStorage:
             # The readable records are a prefix of the file, so writing them
             # under the same batch id keeps their order and their state.
             good = BatchName(name.batch_id, len(salvage), sum(len(m.payload) for m in salvage))
-            tmp = write_new_file(self.tmp_dir, name.batch_id, batchfile.encode(salvage))
-            rename_into(tmp, bucket, str(good))
+            tmp = write_new_file(self.tmp_dir, name.batch_id, batchfile.encode(salvage), self.disk)
+            rename_into(tmp, bucket, str(good), self.disk)
         rel = os.path.relpath(path, self.path).replace(os.sep, "_")
         target = os.path.join(self.quarantine_dir, f"{int(time.time())}-{rel}")
         why = {
@@ -845,12 +978,12 @@ class FilesystemStorage:
             "time": time.time(),
         }
         tmp_why = write_new_file(
-            self.tmp_dir, "why", [json.dumps(why, indent=1).encode("utf-8") + b"\n"]
+            self.tmp_dir, "why", [json.dumps(why, indent=1).encode("utf-8") + b"\n"], self.disk
         )
-        os.rename(tmp_why, target + ".why")
-        os.rename(path, target)
-        fsync_dir(self.quarantine_dir)
-        fsync_dir(bucket)
+        self.disk.rename(tmp_why, target + ".why")
+        self.disk.rename(path, target)
+        self.disk.sync_dir(self.quarantine_dir)
+        self.disk.sync_dir(bucket)
         self._uncache(path)
         self.log.warn(
             "quarantined {original}: {reason}; {salvaged} readable messages kept in the queue",
@@ -875,7 +1008,7 @@ class FilesystemStorage:
             # The store's daemon has not yet confirmed these ids in its dedup
             # index; deleting the batches now could let a resend in twice.
             return
-        names = os.listdir(bucket)
+        names = _names(bucket, self.disk)
         for name in names:
             bn = BatchName.parse(name)
             if bn is None:
@@ -885,17 +1018,15 @@ class FilesystemStorage:
         for name in names:
             if BatchName.parse(name) is not None:
                 path = os.path.join(bucket, name)
-                os.unlink(path)
+                unlink_quietly(path, self.disk)
                 self._uncache(path)
-        fsync_dir(bucket)
+        self.disk.sync_dir(bucket)
         for name in names:
             if BatchName.parse(name) is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(bucket, name))
-        q.logs.pop(bucket, None)
-        q.scans.pop(bucket, None)
+                unlink_quietly(os.path.join(bucket, name), self.disk)
+        q.forget(bucket)
         self._listing.forget(bucket)
-        remove_empty_dirs(bucket, os.path.dirname(bucket))
+        remove_empty_dirs(bucket, os.path.dirname(bucket), disk=self.disk)
 
     def maintain(self) -> None:
         """Periodic upkeep of a store's daemon: dedup checkpoint and pruning.
@@ -903,7 +1034,7 @@ class FilesystemStorage:
         Call it every second or so; the checkpoint lets consumers delete
         consumed batches and bounds the work of recovery after a crash.
         """
-        with self._mutex:
+        with self._mutex, self._disk_errors():
             if self.dedup is None or self._closed:
                 return
             if self._dedup_behind:
@@ -922,10 +1053,9 @@ class FilesystemStorage:
         if self.dedup is not None:
             return self.dedup.checkpoint_ms
         try:
-            with open(os.path.join(self.path, "ids", "checkpoint"), "rb") as f:
-                return int(f.read().strip() or b"0")
+            return int(self.disk.read(os.path.join(self.path, "ids", "checkpoint")).strip() or b"0")
         except FileNotFoundError:
-            return None if not os.path.isdir(os.path.join(self.path, "ids")) else 0
+            return None if not self.disk.isdir(os.path.join(self.path, "ids")) else 0
         except (OSError, ValueError):
             return 0
 
@@ -944,7 +1074,7 @@ class FilesystemStorage:
         messages = list(messages)
         if not isinstance(reason, str) or not reason:
             raise InvalidMessage("fail() needs a reason: a short text saying what went wrong")
-        with self._mutex:
+        with self._mutex, self._disk_errors():
             by_queue: dict[str, list[Message]] = {}
             for m in messages:
                 by_queue.setdefault(self._receipt(m).queue, []).append(m)
@@ -954,15 +1084,22 @@ class FilesystemStorage:
 
     def _write_failed(self, queue: str, messages: list[Message], reason: str) -> None:
         fdir = os.path.join(self.failed_dir, encode_queue(queue))
-        ensure_dir(fdir)
+        ensure_dir(fdir, disk=self.disk)
         clean = [replace(m, receipt=None) for m in messages]
         name = BatchName(new_id(), len(clean), sum(len(m.payload) for m in clean))
         why = {"reason": reason, "time": time.time(), "queue": queue}
-        tmp_why = write_new_file(self.tmp_dir, "why", [json.dumps(why).encode("utf-8") + b"\n"])
-        tmp = write_new_file(self.tmp_dir, name.batch_id, batchfile.encode(clean))
-        os.rename(tmp_why, os.path.join(fdir, f"{name.batch_id}.why"))
-        os.rename(tmp, os.path.join(fdir, str(name)))
-        fsync_dir(fdir)
+        why_bytes = [json.dumps(why).encode("utf-8") + b"\n"]
+        tmp_why = write_new_file(self.tmp_dir, "why", why_bytes, self.disk)
+        try:
+            tmp = write_new_file(self.tmp_dir, name.batch_id, batchfile.encode(clean), self.disk)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                unlink_quietly(tmp_why, self.disk)
+            raise
+        # The reason first: a failed batch is never without its .why.
+        self.disk.rename(tmp_why, os.path.join(fdir, f"{name.batch_id}.why"))
+        self.disk.rename(tmp, os.path.join(fdir, str(name)))
+        self.disk.sync_dir(fdir)
 
     def _receipt(self, m: Message) -> _Receipt:
         r = m.receipt
@@ -974,7 +1111,7 @@ class FilesystemStorage:
         return r
 
     def _settle(self, messages: Iterable[Message], op: str, sync: bool) -> None:
-        with self._mutex:
+        with self._mutex, self._disk_errors():
             self._check_open()
             grouped: dict[str, dict[str, dict[str, list[int]]]] = {}
             for m in messages:
@@ -982,20 +1119,32 @@ class FilesystemStorage:
                 grouped.setdefault(r.queue, {}).setdefault(r.bucket, {}).setdefault(
                     r.batch_id, []
                 ).append(r.position)
+            failure: OSError | None = None
             for queue, buckets in grouped.items():
                 q = self._queue(queue)
                 q.lock()
                 try:
                     for bucket, batches in buckets.items():
-                        log = q.log(bucket)
                         owner = (self.owner,) if op == "R" else ()
                         lines = [
                             line(op, batch_id, format_indexes(idx), *owner)
                             for batch_id, idx in batches.items()
                         ]
-                        log.append(lines, sync=sync)
+                        try:
+                            q.log(bucket).append(lines, sync=sync)
+                        except FileNotFoundError:
+                            # The bucket is gone: it is removed only once every
+                            # message in it is acked or failed, so these are
+                            # done already (a late ack after another consumer
+                            # took over); the other buckets still count.
+                            q.forget(bucket)
+                        except OSError as e:
+                            # Settle every other bucket before reporting.
+                            failure = failure or e
                 finally:
                     q.unlock()
+            if failure is not None:
+                raise failure
 
     # -- looking -----------------------------------------------------------------
 
@@ -1004,33 +1153,11 @@ class FilesystemStorage:
         with self._mutex:
             names: set[str] = set()
             for top in (self.queues_dir, self.failed_dir):
-                for d in os.listdir(top):
+                for d in self.disk.listdir(top):
                     name = decode_queue(d)
                     if name is not None and self._has_batches(os.path.join(top, d)):
                         names.add(name)
             return sorted(names)
-
-    def newest_batch_time(self) -> float:
-        """The time in the newest batch id of any queue (0.0 if none).
-
-        Looks only at the last bucket of each priority, so it costs a few
-        listings whatever the size of the queues.
-        """
-        newest = ""
-        with self._mutex:
-            for qdir in _names(self.queues_dir):
-                qpath = os.path.join(self.queues_dir, qdir)
-                for p in self._priority_dirs(qpath):
-                    pdir = os.path.join(qpath, p)
-                    his = sorted(_names(pdir), reverse=True)
-                    for hi in his[:1]:
-                        los = sorted(_names(os.path.join(pdir, hi)), reverse=True)
-                        for lo in los[:1]:
-                            for name in _names(os.path.join(pdir, hi, lo)):
-                                bn = BatchName.parse(name)
-                                if bn is not None and bn.batch_id > newest:
-                                    newest = bn.batch_id
-        return id_time(newest) if newest else 0.0
 
     def queue_names(self) -> list[str]:
         """Names of the queues that have a directory; cheap (one cached listing)."""
@@ -1039,7 +1166,14 @@ class FilesystemStorage:
             return [n for n in names if n is not None]
 
     def _has_batches(self, path: str) -> bool:
-        return any(any(BatchName.parse(f) for f in files) for _root, _dirs, files in os.walk(path))
+        """True if any batch file lies at or below directory ``path``."""
+        for name in _names(path, self.disk):
+            if BatchName.parse(name) is not None:
+                return True
+            sub = os.path.join(path, name)
+            if self.disk.isdir(sub) and self._has_batches(sub):
+                return True
+        return False
 
     def stats(self) -> dict[str, QueueStats]:
         """Figures for every queue; reads state logs, so it costs a walk."""
@@ -1052,7 +1186,7 @@ class FilesystemStorage:
                 depth = nbytes = taken = 0
                 oldest = 0.0
                 for bucket in self._buckets(qpath):
-                    log = StateLog(bucket)
+                    log = StateLog(bucket, self.disk)
                     log.refresh()
                     for name in self._listing.names(bucket):
                         bn = BatchName.parse(name)
@@ -1081,8 +1215,8 @@ class FilesystemStorage:
                                     oldest = max(0.0, now - id_time(head[first].id))
                 failed = 0
                 fdir = os.path.join(self.failed_dir, encode_queue(queue))
-                if os.path.isdir(fdir):
-                    for name in os.listdir(fdir):
+                if self.disk.isdir(fdir):
+                    for name in self.disk.listdir(fdir):
                         bn = BatchName.parse(name)
                         if bn is not None:
                             failed += bn.count
@@ -1093,19 +1227,18 @@ class FilesystemStorage:
         """Up to ``limit`` failed messages of ``queue`` with their reasons."""
         fdir = os.path.join(self.failed_dir, encode_queue(validate_queue(queue)))
         out: list[tuple[Message, str]] = []
-        if not os.path.isdir(fdir):
+        if not self.disk.isdir(fdir):
             return out
-        for name in sorted(os.listdir(fdir)):
+        for name in sorted(self.disk.listdir(fdir)):
             bn = BatchName.parse(name)
             if bn is None:
                 continue
             try:
-                with open(os.path.join(fdir, f"{bn.batch_id}.why"), "rb") as f:
-                    reason = str(json.loads(f.read()).get("reason", ""))
-            except (OSError, ValueError):
+                why = self.disk.read(os.path.join(fdir, f"{bn.batch_id}.why"))
+                reason = str(json.loads(why).get("reason", ""))
+            except (OSError, ValueError, AttributeError):
                 reason = "(reason unreadable)"
-            with open(os.path.join(fdir, name), "rb") as f:
-                decoded = batchfile.decode(f.read())
+            decoded = batchfile.decode(self.disk.read(os.path.join(fdir, name)))
             for m in decoded.messages:
                 out.append((m, reason))
                 if len(out) >= limit:
@@ -1137,9 +1270,9 @@ class FilesystemStorage:
                     continue
             found: list[tuple[Message, tuple[int, str] | None]] = []
             with self._mutex:
-                log = StateLog(bucket)
+                log = StateLog(bucket, self.disk)
                 log.refresh()
-                for name in sorted(_names(bucket)):
+                for name in sorted(_names(bucket, self.disk)):
                     bn = BatchName.parse(name)
                     if bn is None:
                         continue
@@ -1159,10 +1292,10 @@ class FilesystemStorage:
         one takes from any more.  Buckets that began less than ``older_than``
         seconds ago are kept.  Returns how many buckets were deleted.
         """
-        with self._mutex:
+        with self._mutex, self._disk_errors():
             self._check_open()
             q = self._queue(validate_queue(queue))
-            if not os.path.isdir(q.path):
+            if not self.disk.isdir(q.path):
                 return 0
             cutoff_ms = int((self._clock() - older_than) * 1000)
             removed = 0
@@ -1179,7 +1312,7 @@ class FilesystemStorage:
                     log = q.log(bucket)
                     log.refresh()
                     self._remove_bucket_if_done(q, bucket, log)
-                    if not os.path.isdir(bucket):
+                    if not self.disk.isdir(bucket):
                         removed += 1
             finally:
                 q.unlock()
@@ -1201,11 +1334,8 @@ class FilesystemStorage:
         batches: Sequence[tuple[str, Sequence[Message]]],
         records: Mapping[str, bytes] | None = None,
     ) -> list[str]:
-        """Store one request's messages, channel by channel; see IReceivingStore."""
-        stored: list[str] = []
-        for queue, messages in batches:
-            stored.extend(self.add(queue, messages, dict(records) if records else None))
-        return stored
+        """Store one request's messages, all or nothing; see IReceivingStore."""
+        return self._store(batches, records)
 
     def channel_count(self) -> int:
         """How many queue directories exist."""
@@ -1218,9 +1348,20 @@ class FilesystemStorage:
     # -- helpers ---------------------------------------------------------------------
 
     def _queue(self, name: str) -> _Queue:
+        """The ``_Queue`` of ``name``; at most ``_QUEUES_KEPT`` are kept (and their locks open)."""
         q = self._queues.get(name)
         if q is None:
-            q = self._queues[name] = _Queue(name, os.path.join(self.queues_dir, encode_queue(name)))
+            path = os.path.join(self.queues_dir, encode_queue(name))
+            q = self._queues[name] = _Queue(name, path, self.disk)
+            while len(self._queues) > _QUEUES_KEPT:
+                _old, evicted = self._queues.popitem(last=False)
+                if evicted.pending_releases:
+                    # Its leases must still be released: keep it.
+                    self._queues[evicted.name] = evicted
+                    break
+                evicted.close()
+        else:
+            self._queues.move_to_end(name)
         return q
 
     def _check_open(self) -> None:
