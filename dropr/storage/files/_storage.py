@@ -333,20 +333,30 @@ class FilesystemStorage:
         self.queues_dir = os.path.join(self.path, "queues")
         self.failed_dir = os.path.join(self.path, "failed")
         self.quarantine_dir = os.path.join(self.path, "quarantine")
-        for d in (self.path, self.tmp_dir, self.queues_dir, self.failed_dir, self.quarantine_dir):
-            ensure_dir(d, disk=disk)
-        if exclusive or dedup or sole_taker:
-            self._lock_root()
         self.dedup: DedupIndex | None = None
+        try:
+            with self._disk_errors():
+                self._open(exclusive or dedup or sole_taker, dedup, dedup_window)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, lock: bool, dedup: bool, dedup_window: float) -> None:
+        for d in (self.path, self.tmp_dir, self.queues_dir, self.failed_dir, self.quarantine_dir):
+            ensure_dir(d, disk=self.disk)
+        if lock:
+            self._lock_root()
         if dedup:
             self.dedup = DedupIndex(
-                os.path.join(self.path, "ids"), window=dedup_window, clock=clock, disk=disk
+                os.path.join(self.path, "ids"),
+                window=dedup_window,
+                clock=self._clock,
+                disk=self.disk,
             )
             # Batch ids must never fall below the checkpoint, whatever the
             # clock did while the store was closed (see ids.advance_to).
             advance_to(self.dedup.checkpoint_ms + 1)
-        with self._disk_errors():
-            self.recover()
+        self.recover()
 
     # -- opening and recovery -------------------------------------------------
 
@@ -887,13 +897,15 @@ class FilesystemStorage:
         (breach: a take that failed half-way kept the leases it had written,
         so nothing was returned but early messages were held for a lease.)
         """
-        done: list[tuple[StateLog, list[str]]] = []
+        tried: list[tuple[StateLog, list[str]]] = []
         try:
             for log, lines in leases:
+                # Released on failure too: the append may have written before
+                # it failed (a release of a lease never written is a no-op).
+                tried.append((log, lines))
                 log.append(lines, sync=False)
-                done.append((log, lines))
         except OSError:
-            for log, lines in done:
+            for log, lines in tried:
                 releases = [_release_line(t) for t in lines]
                 try:
                     log.append(releases, sync=False)
