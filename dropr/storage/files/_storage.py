@@ -46,6 +46,7 @@ from dropr.errors import (
 from dropr.interfaces import IReceivingStore, ISpoolStorage, IStorage, IUsage, QueueStats
 from dropr.storage import _batchfile as batchfile
 from dropr.storage._batchfile import BatchName
+from dropr.storage.files._batchcache import BatchCache
 from dropr.storage.files._dedup import DedupIndex
 from dropr.storage.files._dirlisting import DirListing
 from dropr.storage.files._disk import REAL_DISK, Disk, is_disk_full
@@ -68,18 +69,15 @@ _BUCKET_SETTLE = 10.0
 _BUCKET_MS = 1 << 12
 #: Memory the cache of read batch files may use, roughly.
 _CACHE_BYTES = 64 * 1024 * 1024
-#: What a cached message costs beyond its payload (objects, receipt, id).
-_MESSAGE_OVERHEAD = 400
+#: Batch files the cache holds at most: a consumer that never learns of a
+#: bucket another one removed must not keep its batches for ever.
+_CACHE_BATCHES = 1024
 
 
 def _release_line(take_line: str) -> str:
     """The ``R`` line that undoes the lease of ``take_line`` (``T batch expiry idx owner crc``)."""
     _op, batch_id, _expiry, indexes, owner, _crc = take_line.split()
     return line("R", batch_id, indexes, owner)
-
-
-def _cache_cost(messages: list[Message]) -> int:
-    return sum(len(m.payload) for m in messages) + _MESSAGE_OVERHEAD * len(messages)
 
 
 WAKE_NAME = "wake"
@@ -91,7 +89,7 @@ USAGE_FILE_FRESH = 6.0
 #: Queues whose lock and per-bucket state a storage object keeps, at most.
 _QUEUES_KEPT = 256
 #: Buckets of one queue whose state log and scan are kept, at most.
-_BUCKETS_KEPT = 64
+_BUCKETS_KEPT = 256
 
 
 def _names(path: str, disk: Disk = REAL_DISK) -> list[str]:
@@ -198,10 +196,12 @@ class _Queue:
     it has seen.
     """
 
-    def __init__(self, name: str, path: str, disk: Disk) -> None:
+    def __init__(self, name: str, path: str, disk: Disk, on_forget: Callable[[str], None]) -> None:
         self.name = name
         self.path = path
         self.disk = disk
+        #: Called with a bucket this view drops, so caches of it go too.
+        self.on_forget = on_forget
         self._lock_fd = -1
         self.logs: OrderedDict[str, StateLog] = OrderedDict()
         self.scans: OrderedDict[str, _BucketScan] = OrderedDict()
@@ -215,7 +215,7 @@ class _Queue:
         if scan is None:
             scan = self.scans[bucket] = _BucketScan(names)
             while len(self.scans) > _BUCKETS_KEPT:
-                self.scans.popitem(last=False)
+                self.forget(next(iter(self.scans)))
         else:
             self.scans.move_to_end(bucket)
             if scan.names is not names:
@@ -241,15 +241,16 @@ class _Queue:
         if log is None:
             log = self.logs[bucket] = StateLog(bucket, self.disk)
             while len(self.logs) > _BUCKETS_KEPT:
-                self.logs.popitem(last=False)
+                self.forget(next(iter(self.logs)))
         else:
             self.logs.move_to_end(bucket)
         return log
 
     def forget(self, bucket: str) -> None:
-        """Drop what is known of a removed bucket."""
+        """Drop what is known of a bucket (removed, or least recently used)."""
         self.logs.pop(bucket, None)
         self.scans.pop(bucket, None)
+        self.on_forget(bucket)
 
 
 @implementer(IStorage, IUsage, IReceivingStore, ISpoolStorage)
@@ -315,8 +316,7 @@ class FilesystemStorage:
         self._mutex = threading.RLock()
         self._queues: OrderedDict[str, _Queue] = OrderedDict()
         self._listing = DirListing(disk)
-        self._cache: OrderedDict[str, list[Message]] = OrderedDict()
-        self._cache_bytes = 0
+        self._cache = BatchCache(_CACHE_BYTES, _CACHE_BATCHES)
         self._usage: tuple[float, int, int] | None = None
         self._bucket_usage: dict[str, tuple[int, int, int, int]] = {}
         #: Buckets whose directory chain this process knows to be durable.
@@ -841,7 +841,8 @@ class FilesystemStorage:
         taken: list[Message] = []
         leases: list[tuple[StateLog, list[str]]] = []
         finished: list[tuple[str, StateLog]] = []
-        for bucket in list(self._buckets(q.path)):
+        # Lazily: a take stops at its limit, usually in the first buckets.
+        for bucket in self._buckets(q.path):
             log = q.log(bucket)
             log.refresh()
             lines: list[str] = []
@@ -936,7 +937,6 @@ class FilesystemStorage:
         path = os.path.join(bucket, str(bn))
         cached = self._cache.get(path)
         if cached is not None:
-            self._cache.move_to_end(path)
             return cached
         try:
             data = self.disk.read(path)
@@ -957,18 +957,12 @@ class FilesystemStorage:
                 # now, not after the batches behind it (promise A3).
                 return decoded.messages or None
         messages = decoded.messages[: bn.count]
-        self._cache[path] = messages
-        self._cache_bytes += _cache_cost(messages)
-        while self._cache_bytes > _CACHE_BYTES and len(self._cache) > 1:
-            _old_path, old = self._cache.popitem(last=False)
-            self._cache_bytes -= _cache_cost(old)
+        self._cache.put(path, messages)
         return messages
 
     def _uncache(self, path: str) -> None:
         """Forget a cached batch (finished, removed or quarantined)."""
-        old = self._cache.pop(path, None)
-        if old is not None:
-            self._cache_bytes -= _cache_cost(old)
+        self._cache.drop(path)
 
     def _quarantine(
         self, path: str, reason: str, salvage: Sequence[Message] = (), name: BatchName | None = None
@@ -1364,7 +1358,7 @@ class FilesystemStorage:
         q = self._queues.get(name)
         if q is None:
             path = os.path.join(self.queues_dir, encode_queue(name))
-            q = self._queues[name] = _Queue(name, path, self.disk)
+            q = self._queues[name] = _Queue(name, path, self.disk, self._cache.drop_bucket)
             while len(self._queues) > _QUEUES_KEPT:
                 _old, evicted = self._queues.popitem(last=False)
                 if evicted.pending_releases:
