@@ -247,6 +247,7 @@ def test_breach5_memory_of_two_consumers_is_bounded(tmp_path: Path) -> None:
         c.close()
 
 
+@pytest.mark.slow
 def test_breach6_descriptors_do_not_grow_with_channels(tmp_path: Path) -> None:
     """(breach 6) A store touching 2,000 channels under RLIMIT_NOFILE 1024."""
     script = textwrap.dedent(
