@@ -24,6 +24,7 @@ Used by tests/test_disk_sweep.py (a CI-sized subset) and bench/sweep.py
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -292,6 +293,41 @@ SCENARIOS = [
     ScenarioSpec("dedup-upkeep", _dedup_setup, _dedup_run, dedup=True),
     ScenarioSpec("recovery", _nothing, _recovery_run, dedup=True),
 ]
+
+
+def random_scenario(seed: int, steps: int = 12) -> ScenarioSpec:
+    """A scenario of ``steps`` random calls (the long mode's extra scenarios)."""
+    shape = random.Random(seed)
+    dedup = shape.random() < 0.4
+    consumers = 1 if dedup else shape.choice((1, 2))
+
+    def run(w: World) -> None:
+        rnd = random.Random(seed)
+        for _ in range(steps):
+            by = rnd.randrange(consumers)
+            held = w.model.held.get(by, [])
+            action = rnd.choice(("add", "add", "take", "take", "settle", "upkeep"))
+            if action == "add":
+                channel = rnd.choice("ab")
+                group = [
+                    *make(rnd.randint(1, 3), rnd.choice((0, 5, 9)), channel),
+                    *make(rnd.randint(0, 2), rnd.choice((0, 5, 9)), channel),
+                ]
+                w.add(channel, group, by=0 if dedup else by)
+            elif action == "take":
+                w.take(rnd.choice("ab"), rnd.randint(1, 5), by=by)
+            elif action == "settle" and held:
+                chosen = rnd.sample(held, rnd.randint(1, len(held)))
+                getattr(w, rnd.choice(("ack", "ack", "release", "fail")))(chosen, by=by)
+            elif action == "upkeep":
+                if dedup and rnd.random() < 0.5:
+                    w.maintain()
+                elif rnd.random() < 0.3:
+                    w.reopen()
+                else:
+                    w.remove_finished(rnd.choice("ab"))
+
+    return ScenarioSpec(f"random-{seed}", _filled, run, dedup=dedup, consumers=consumers)
 
 
 # -- running and checking -----------------------------------------------------------------

@@ -17,6 +17,7 @@ from dropr._ids import new_id
 from dropr._message import Message
 from dropr.errors import StorageFull, StorageIOError
 from dropr.storage.files._storage import FilesystemStorage
+from dropr.storage.files._taker import Taker
 
 BY_NAME = {s.name: s for s in SCENARIOS}
 
@@ -54,7 +55,7 @@ def test_the_sweep_finds_a_missing_directory_sync(tmp_path: Path) -> None:
 
 def test_the_sweep_finds_a_leaked_lease(tmp_path: Path) -> None:
     """...and a take that keeps the leases it wrote before failing."""
-    with mock.patch.object(FilesystemStorage, "_write_leases", _leases_never_released):
+    with mock.patch.object(Taker, "_write_leases", _leases_never_released):
         outcomes = [
             run_once(BY_NAME["take-ack-release-fail"], "enospc", at, str(tmp_path))[0]
             for at in range(1, 6)
@@ -62,7 +63,7 @@ def test_the_sweep_finds_a_leaked_lease(tmp_path: Path) -> None:
     assert any(o.problems for o in outcomes)
 
 
-def _leases_never_released(self: FilesystemStorage, q: object, leases: list) -> None:  # type: ignore[type-arg]
+def _leases_never_released(self: Taker, q: object, leases: list) -> None:  # type: ignore[type-arg]
     for log, lines in leases:
         log.append(lines, sync=False)
 

@@ -454,7 +454,7 @@ def test_dedup_recovery_when_the_process_dies_before_indexing(tmp_path: Path) ->
         storage.add(Q, messages)
     # Abandoned, not closed: no catch-up, no checkpoint.
     storage._closed = True
-    storage._queues.clear()
+    storage._views.close()
     storage.disk.close(storage._root_lock_fd)
     with FilesystemStorage(str(tmp_path), dedup=True) as reopened:
         assert reopened.add(Q, messages) == []

@@ -237,8 +237,9 @@ def test_breach5_memory_of_two_consumers_is_bounded(tmp_path: Path) -> None:
         [m] = c.take(Q, 1)
         c.ack([m])
         if n % 200 == 199:
-            q = c._queues[Q]
-            sizes.append((len(q.logs), len(q.scans), len(c._listing), len(c._cache)))
+            q = c._views.peek(Q)
+            assert q is not None
+            sizes.append((len(q.logs), len(q.scans), len(c._listing), len(c._reader.cache)))
     assert consumers[0].take(Q, 1) == []
     for size in sizes:
         assert size[0] <= 256 and size[1] <= 256 and size[2] <= 4096 and size[3] <= 256, sizes

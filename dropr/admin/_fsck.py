@@ -431,7 +431,7 @@ class _Checker:
         )
         if not self.may_repair:
             return
-        self.storage()._quarantine(path, reason, salvage=salvage, name=bn)
+        self.storage().quarantine(path, reason, salvage=salvage, name=bn)
         f.repaired = True
         f.action = (
             f"quarantined with its reason; {len(salvage)} readable messages kept in the queue"
