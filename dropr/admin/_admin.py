@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +40,8 @@ from dropr._message import Message
 from dropr.storage import _batchfile as batchfile
 from dropr.storage._batchfile import BatchName
 from dropr.storage.files._durable import fsync_dir, rename_into, write_new_file
-from dropr.storage.files._storage import FilesystemStorage, decode_queue, encode_queue
+from dropr.storage.files._layout import Layout, encode_queue, read_why
+from dropr.storage.files._storage import FilesystemStorage
 
 WAITING = "waiting"
 TAKEN = "taken"
@@ -112,13 +112,10 @@ class Entry:
 
 def queues(storage: FilesystemStorage) -> list[str]:
     """Every queue with a directory or a failed area, sorted."""
+    layout = Layout(storage.path)
     names: set[str] = set()
-    for top in (storage.queues_dir, storage.failed_dir):
-        with contextlib.suppress(FileNotFoundError):
-            for d in os.listdir(top):
-                name = decode_queue(d)
-                if name is not None:
-                    names.add(name)
+    for top in (layout.queues_dir, layout.failed_dir):
+        names.update(name for name, _path in layout.queue_dirs(top))
     return sorted(names)
 
 
@@ -300,13 +297,11 @@ def failed_batches(storage: FilesystemStorage, queue: str) -> Iterator[FailedBat
             continue
         path = os.path.join(fdir, name)
         reason, failed_at = "(reason unreadable)", id_time(bn.batch_id)
-        try:
-            with open(os.path.join(fdir, f"{bn.batch_id}.why"), "rb") as f:
-                why = json.loads(f.read())
+        why = read_why(Layout.why_of_failed(fdir, bn))
+        if why is not None:
             reason = str(why.get("reason", reason))
-            failed_at = float(why.get("time", failed_at))
-        except (OSError, ValueError, AttributeError, TypeError):
-            pass
+            with contextlib.suppress(ValueError, TypeError):
+                failed_at = float(why.get("time", failed_at))
         try:
             with open(path, "rb") as f:
                 decoded = batchfile.decode(f.read())
@@ -496,13 +491,11 @@ def quarantined(storage: FilesystemStorage) -> list[Quarantined]:
             continue
         path = os.path.join(storage.quarantine_dir, name)
         reason, when = "(no .why file)", 0.0
-        try:
-            with open(path + ".why", "rb") as f:
-                why = json.loads(f.read())
+        why = read_why(path + ".why")
+        if why is not None:
             reason = str(why.get("reason", reason))
-            when = float(why.get("time", 0.0))
-        except (OSError, ValueError, AttributeError, TypeError):
-            pass
+            with contextlib.suppress(ValueError, TypeError):
+                when = float(why.get("time", 0.0))
         try:
             st = os.stat(path)
         except FileNotFoundError:
