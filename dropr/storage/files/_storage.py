@@ -29,7 +29,7 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from dropr._ids import advance_to, new_id
+from dropr._ids import new_id
 from dropr._message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
 from dropr.errors import InvalidMessage, StorageFull, StorageIOError, StorageLocked
 from dropr.interfaces import (
@@ -43,6 +43,7 @@ from dropr.interfaces import (
 from dropr.storage import _batchfile as batchfile
 from dropr.storage.files import _recovery as recovery
 from dropr.storage.files._dedup import DedupIndex
+from dropr.storage.files._dedupkeeper import DedupKeeper
 from dropr.storage.files._dirlisting import DirListing
 from dropr.storage.files._disk import REAL_DISK, Disk, is_disk_full
 from dropr.storage.files._durable import ensure_dir
@@ -71,9 +72,6 @@ __all__ = [
     "encode_queue",
     "validate_queue",
 ]
-
-#: Seconds between prunings of the dedup index.
-_PRUNE_EVERY = 3600.0
 
 
 @implementer(IStorage, IUsage, IReceivingStore, ISpoolStorage, IWakeSource)
@@ -173,10 +171,7 @@ class FilesystemStorage:
             self._taker.lease_free,
         )
         self._root_lock_fd = -1
-        self._pruned_at = time.monotonic()
-        #: (chaos) An add stored a batch but could not index its ids.
-        self._dedup_behind = False
-        self.dedup: DedupIndex | None = None
+        self._dedup: DedupKeeper | None = None
         try:
             with self._disk_errors():
                 self._open(exclusive or dedup or sole_taker, dedup, dedup_window)
@@ -192,13 +187,15 @@ class FilesystemStorage:
         if lock:
             self._lock_root()
         if dedup:
-            self.dedup = DedupIndex(
-                self.layout.ids_dir, window=dedup_window, clock=self._clock, disk=self.disk
+            self._dedup = DedupKeeper(
+                self.layout.ids_dir, dedup_window, self._clock, self.disk, self._batches_since
             )
-            # Batch ids must never fall below the checkpoint, whatever the
-            # clock did while the store was closed (see ids.advance_to).
-            advance_to(self.dedup.checkpoint_ms + 1)
         self.recover()
+
+    @property
+    def dedup(self) -> DedupIndex | None:
+        """The dedup index of a server store (None without one)."""
+        return self._dedup.index if self._dedup is not None else None
 
     def _lock_root(self) -> None:
         fd = self.disk.open_lock(self.layout.lock_file)
@@ -223,17 +220,7 @@ class FilesystemStorage:
             self.log.info(
                 "removed {count} half-written files from {path}", count=removed, path=self.tmp_dir
             )
-        relogged = 0
-        if self.dedup is not None:
-            try:
-                relogged = self.dedup.recover(self._batches_since(self.dedup.checkpoint_ms))
-            except OSError as e:
-                if not is_disk_full(e):
-                    raise
-                # (chaos) A daemon must start on a full disk: adds raise
-                # StorageFull until the ids can be indexed (_catch_up_dedup).
-                self._dedup_behind = True
-                self.log.warn("cannot index stored ids yet: {error}", error=e)
+        relogged = self._dedup.recover() if self._dedup is not None else 0
         return {"tmp_removed": removed, "ids_relogged": relogged}
 
     def _batches_since(self, ms: int) -> Iterator[tuple[str, list[str]]]:
@@ -245,13 +232,8 @@ class FilesystemStorage:
             if self._closed:
                 return
             self._closed = True
-            if self.dedup is not None:
-                # (chaos) A full disk must not keep the locks held: the ids
-                # not checkpointed are indexed again at the next open.
-                try:
-                    self.dedup.close()
-                except OSError as e:
-                    self.log.warn("could not close the dedup index: {error}", error=e)
+            if self._dedup is not None:
+                self._dedup.close()
             self._views.close()
             if self._root_lock_fd >= 0:
                 with contextlib.suppress(OSError):
@@ -330,8 +312,8 @@ class FilesystemStorage:
             validate_messages(messages, self.max_payload)
         with self._mutex, self._disk_errors():
             self._check_open()
-            if self.dedup is not None:
-                batches = self._unseen(batches)
+            if self._dedup is not None:
+                batches = self._dedup.unseen(batches)
             batches = [(q, ms) for q, ms in batches if ms]
             if not batches:
                 return []
@@ -339,79 +321,16 @@ class FilesystemStorage:
             count, nbytes = len(stored), sum(len(m.payload) for m in stored)
             self._check_limits(count, nbytes)
             written = self._writer.place(batches, records)
-            if self.dedup is not None:
-                try:
-                    self.dedup.record([m.id for m in stored], max(n.batch_id for n in written))
-                except OSError as e:
-                    # (chaos) The batches are durable but their ids are not all
-                    # indexed.  The call still stored them: the ids are indexed
-                    # before the next look-up (_catch_up_dedup) and, after a
-                    # crash, by recovery (the checkpoint has not passed them).
-                    self._dedup_behind = True
-                    self.log.warn("stored ids not yet indexed: {error}", error=e)
+            if self._dedup is not None:
+                self._dedup.record([m.id for m in stored], max(n.batch_id for n in written))
             for queue, _messages in batches:
                 with contextlib.suppress(OSError):
                     self._writer.touch_wake(queue)  # a hint; never fail a stored add
             self._usage.added(count, nbytes)
             return [m.id for m in stored]
 
-    def _unseen(
-        self, batches: Sequence[tuple[str, Sequence[Message]]]
-    ) -> list[tuple[str, list[Message]]]:
-        """``batches`` less the ids the dedup index holds (and repeats within the call)."""
-        assert self.dedup is not None
-        if self._dedup_behind:
-            self._catch_up_dedup()
-        # An id older than the window may have been stored and forgotten:
-        # refuse it, or it could be stored twice (A2).
-        oldest = self.dedup.oldest_id_prefix()
-        for _queue, messages in batches:
-            for m in messages:
-                if m.id < oldest:
-                    raise InvalidMessage(
-                        f"message {m.id} is older than the dedup window of "
-                        f"{self.dedup.window:g} seconds, so it may have been "
-                        "stored already; nothing was stored. Fail it at the sender"
-                    )
-        # Exactly once rests on the index alone: every id is looked up.
-        fresh = self.dedup.unseen([m for _q, ms in batches for m in ms])
-        keep = {m.id: m for m in fresh}
-        return [(q, [m for m in ms if keep.pop(m.id, None) is m]) for q, ms in batches]
-
-    def _catch_up_dedup(self) -> None:
-        """(chaos) Index the ids of batches stored while the index could not be written.
-
-        A new index object re-reads what is on disk (dropping an id a full
-        disk cut short) and indexes every batch since its checkpoint, as at
-        an open after a crash.  Raises while that cannot be written either,
-        so nothing is looked up in an index that lacks ids.
-        """
-        assert self.dedup is not None
-        old = self.dedup
-        # What the old index wrote must be durable before a new checkpoint
-        # can pass it.
-        old.checkpoint()
-        self.dedup = DedupIndex(old.path, window=old.window, clock=self._clock, disk=self.disk)
-        self.dedup.recover(self._batches_since(self.dedup.checkpoint_ms))
-        self._dedup_behind = False
-        self.log.info("indexed the ids stored while the disk was full")
-
     def _check_limits(self, count: int, nbytes: int) -> None:
-        if self.max_bytes is None and self.max_messages is None:
-            return
-        waiting, waiting_bytes = self._usage.usage()
-        if self.max_messages is not None and waiting + count > self.max_messages:
-            raise StorageFull(
-                f"{self.path} is full: {waiting} messages wait and the limit is "
-                f"{self.max_messages}; nothing was stored. Retry once messages "
-                "are delivered, or raise max_messages"
-            )
-        if self.max_bytes is not None and waiting_bytes + nbytes > self.max_bytes:
-            raise StorageFull(
-                f"{self.path} is full: {waiting_bytes} payload bytes wait, "
-                f"{nbytes} more would pass the limit of {self.max_bytes}; nothing "
-                "was stored. Retry once messages are delivered, or raise max_bytes"
-            )
+        self._usage.check_limits(count, nbytes, self.max_messages, self.max_bytes)
 
     # -- taking and settling -------------------------------------------------------------
 
@@ -503,18 +422,8 @@ class FilesystemStorage:
         consumed batches and bounds the work of recovery after a crash.
         """
         with self._mutex, self._disk_errors():
-            if self.dedup is None or self._closed:
-                return
-            if self._dedup_behind:
-                # (chaos) Never checkpoint an index that lacks ids; catch up
-                # as soon as the disk has room again.
-                with contextlib.suppress(OSError):
-                    self._catch_up_dedup()
-                return
-            self.dedup.checkpoint()
-            if time.monotonic() - self._pruned_at > _PRUNE_EVERY:
-                self._pruned_at = time.monotonic()
-                self.dedup.prune()
+            if self._dedup is not None and not self._closed:
+                self._dedup.maintain()
 
     def upkeep(self) -> None:
         """The serving daemon's periodic work (IReceivingStore); never raises for a full disk."""
