@@ -31,7 +31,13 @@ from zope.interface import implementer
 
 from dropr._ids import new_id
 from dropr._message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
-from dropr.errors import InvalidMessage, StorageFull, StorageIOError, StorageLocked
+from dropr.errors import (
+    InvalidMessage,
+    StorageClosed,
+    StorageFull,
+    StorageIOError,
+    StorageLocked,
+)
 from dropr.interfaces import (
     IReceivingStore,
     ISpoolStorage,
@@ -248,7 +254,7 @@ class FilesystemStorage:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError(f"storage {self.path} is closed")
+            raise StorageClosed(f"storage {self.path} is closed: open it again")
 
     @contextmanager
     def _disk_errors(self) -> Iterator[None]:
@@ -475,6 +481,7 @@ class FilesystemStorage:
     def stats(self) -> dict[str, QueueStats]:
         """Figures for every queue; reads state logs, so it costs a walk."""
         with self._mutex:
+            self._check_open()
             return self._inspector.stats(self._clock())
 
     def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:
