@@ -27,7 +27,7 @@ from twisted.python.threadpool import ThreadPool
 import dropr
 from dropr._ids import new_id
 from dropr._message import Message
-from dropr.client._sender import DestinationSender
+from dropr.client._sender import DestinationSender, thread_pool_runner
 from dropr.client._transport import HTTPTransport
 from dropr.errors import InvalidMessage, StorageFull
 from dropr.server._receiver import Limits
@@ -121,6 +121,7 @@ def _spool_with(path: Path, disk: Disk) -> dropr.Spool:
     return spool
 
 
+@pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_breach1_a_failed_spool_ack_does_not_store_twice(
     tmp_path: Path, pool: ThreadPool, transport: HTTPTransport
@@ -132,7 +133,14 @@ def test_breach1_a_failed_spool_ack_does_not_store_twice(
     spool = _spool_with(tmp_path / "spool", disk)
     try:
         spool.put_many([b"a", b"b", b"c"], server.url, Q)
-        sender = DestinationSender(spool, server.url, transport, reactor, pool, backoff_base=0.05)
+        sender = DestinationSender(
+            spool.storage,
+            server.url,
+            transport,
+            reactor,
+            thread_pool_runner(reactor, pool),
+            backoff_base=0.05,
+        )
         sender.wake()
         yield until(lambda: disk.failed == 1)
         yield until(lambda: spool.stats().get(server.url) is None or not spool.take(server.url, 10))
@@ -144,6 +152,7 @@ def test_breach1_a_failed_spool_ack_does_not_store_twice(
         yield server.stop()
 
 
+@pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_breach2_an_empty_future_bucket_does_not_store_twice(
     tmp_path: Path, pool: ThreadPool, transport: HTTPTransport
@@ -161,7 +170,14 @@ def test_breach2_an_empty_future_bucket_does_not_store_twice(
         future = new_id(time.time() + 3600)
         qdir = os.listdir(tmp_path / "spool" / "queues")[0]
         (tmp_path / "spool" / "queues" / qdir / "5" / future[:7] / future[7:9]).mkdir(parents=True)
-        sender = DestinationSender(spool, server.url, transport, reactor, pool, backoff_base=0.05)
+        sender = DestinationSender(
+            spool.storage,
+            server.url,
+            transport,
+            reactor,
+            thread_pool_runner(reactor, pool),
+            backoff_base=0.05,
+        )
         sender.wake()
         yield until(lambda: not spool.take(server.url, 10))
         yield sender.stop()
