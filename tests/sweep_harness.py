@@ -180,6 +180,9 @@ class World:
         for s in self.storages:
             s.close()
         self.model.held.clear()
+        # What the closed objects held stays leased until the leases run out
+        # (a restarted consumer does not release them): let them run out.
+        self.clock.now += 2 * LEASE
         count, self.storages = len(self.storages), []
         for _ in range(count):
             self.storages.append(self.open(self.disk))
