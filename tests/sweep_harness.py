@@ -259,6 +259,9 @@ def _removal_run(w: World) -> None:
     w.ack(got)
     w.take("a", 10)
     w.remove_finished("a")
+    w.storages[0].remove_idle_queues(idle=0)  # the drained channel's directory goes
+    w.add("a", make(2))  # and comes back
+    w.ack(w.take("a", 1))
 
 
 def _dedup_setup(w: World) -> None:

@@ -344,3 +344,48 @@ def test_leases_across_a_wall_clock_step(tmp_path: Path) -> None:
     assert [x.id for x in b.take(Q, 1)] == [m.id]
     a.close()
     b.close()
+
+
+def test_upkeep_removes_drained_idle_channels_and_takers_follow(tmp_path: Path) -> None:
+    """A channel with nothing left and no add for a while loses its directory
+    (channel_count follows the live channels); a taker that held the old
+    lock file takes the new one, and the channel works as before."""
+    clock = Clock()
+    root = str(tmp_path / "store")
+    store = FilesystemStorage(root, dedup=True, clock=clock)
+    consumer = FilesystemStorage(root, clock=clock)
+    for name in ("busy", "idle"):
+        store.add(name, [Message(new_id(), b"x", name, 5)])
+    [m] = consumer.take("idle", 1)
+    consumer.ack([m])
+    store.add("busy", [Message(new_id(), b"later", "busy", 5)])
+    store.maintain()  # the checkpoint passes the idle channel's bucket
+    clock.now += 3600
+    consumer.take("idle", 1)  # removes the finished bucket
+    assert store.channel_count() == 2
+    assert store.remove_idle_queues(idle=600) == 1
+    assert store.channel_count() == 1 and store.queue_names() == ["busy"]
+    # The consumer's view still holds the removed lock file.
+    again = Message(new_id(), b"y", "idle", 5)
+    store.add("idle", [again])
+    assert [x.id for x in consumer.take("idle", 5)] == [again.id]
+    assert store.remove_idle_queues(idle=0) == 0  # not drained: kept
+    store.close()
+    consumer.close()
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_a_watch_survives_the_removal_of_an_idle_channel(tmp_path: Path) -> Any:
+    store = FilesystemStorage(str(tmp_path / "store"))
+    woken: list[int] = []
+    stop = store.watch("idle", lambda: woken.append(1), reactor)
+    try:
+        assert store.remove_idle_queues(idle=0) == 1
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        woken.clear()
+        store.add("idle", [Message(new_id(), b"x", "idle", 5)])
+        yield until(lambda: woken, timeout=5)
+    finally:
+        stop()
+        store.close()

@@ -147,6 +147,15 @@ class Disk:
         """Release the ``flock`` of ``fd``."""
         fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def same_file(self, fd: int, path: str) -> bool:
+        """True if ``path`` still names the file open as ``fd`` (a lock file not replaced)."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        fst = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
     def write_lock_note(self, fd: int, text: str) -> None:
         """Write who holds a lock into its file (for error messages only; no sync)."""
         os.ftruncate(fd, 0)

@@ -27,17 +27,26 @@ def ensure_dir(path: str, mode: int = 0o700, disk: Disk = REAL_DISK) -> bool:
     A new directory is only durable once its parent is synced, so each level
     that is created has its parent synced too.
     """
-    if disk.isdir(path):
-        return False
-    parent = os.path.dirname(path.rstrip("/"))
-    if parent and parent != path:
-        ensure_dir(parent, mode, disk)
-    try:
-        disk.mkdir(path, mode)
-    except FileExistsError:
-        return False
-    disk.sync_dir(parent or ".")
-    return True
+    gone: FileNotFoundError | None = None
+    for _attempt in range(3):
+        if disk.isdir(path):
+            return False
+        parent = os.path.dirname(path.rstrip("/"))
+        if parent and parent != path:
+            ensure_dir(parent, mode, disk)
+        try:
+            disk.mkdir(path, mode)
+        except FileExistsError:
+            return False
+        except FileNotFoundError as e:
+            # Upkeep removed an idle queue's directory between the parent's
+            # creation and ours: make the chain again.
+            gone = e
+            continue
+        disk.sync_dir(parent or ".")
+        return True
+    assert gone is not None
+    raise gone
 
 
 def write_new_file(

@@ -107,11 +107,21 @@ class QueueView:
         self.on_forget(bucket)
 
     def lock(self) -> None:
-        """Take the queue's lock (blocking): take, ack, release and fail hold it."""
-        if self._lock_fd < 0:
-            ensure_dir(self.path, disk=self.disk)
-            self._lock_fd = self.disk.open_lock(os.path.join(self.path, LOCK_NAME))
-        self.disk.lock(self._lock_fd)
+        """Take the queue's lock (blocking): take, ack, release and fail hold it.
+
+        Upkeep removes an idle queue's directory, lock file included, while
+        holding this lock; a lock taken on a file that is no longer the
+        queue's is let go and taken again on the new one.
+        """
+        path = os.path.join(self.path, LOCK_NAME)
+        while True:
+            if self._lock_fd < 0:
+                ensure_dir(self.path, disk=self.disk)
+                self._lock_fd = self.disk.open_lock(path)
+            self.disk.lock(self._lock_fd)
+            if self.disk.same_file(self._lock_fd, path):
+                return
+            self.close()
 
     def unlock(self) -> None:
         self.disk.unlock(self._lock_fd)

@@ -69,6 +69,9 @@ from dropr.storage.files._taker import Taker
 from dropr.storage.files._usage import USAGE_FILE_FRESH, UsageCounter
 from dropr.storage.files._writer import BatchWriter
 
+#: Seconds between two looks for idle queues in ``upkeep``.
+_IDLE_SWEEP_EVERY = 60.0
+
 __all__ = [
     "USAGE_FILE_FRESH",
     "USAGE_NAME",
@@ -103,6 +106,8 @@ class FilesystemStorage:
     :param sole_taker: this object is the only one that takes from these
         queues (a client daemon and its spool), so leases written by anyone
         else are left over from a process that is gone and count as free.
+    :param idle_queue_after: ``upkeep`` removes the directory of a queue
+        that holds nothing and had no add for this many seconds.
     :param clock: the wall clock (seconds since the epoch) of leases and
         bucket times; see docs/guarantees.rst for what a step of it does.
     :param disk: every disk effect goes through it (tests pass a faulty one).
@@ -124,6 +129,7 @@ class FilesystemStorage:
         exclusive: bool = False,
         sole_taker: bool = False,
         usage_refresh: float = 1.0,
+        idle_queue_after: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
         disk: Disk = REAL_DISK,
     ) -> None:
@@ -145,6 +151,8 @@ class FilesystemStorage:
         self.default_lease = lease
         self.sync_acks = sync_acks
         self.sole_taker = sole_taker
+        self.idle_queue_after = idle_queue_after
+        self._idle_swept_at = time.monotonic()
         self._clock = clock
         self._mutex = threading.RLock()
         self._closed = False
@@ -432,11 +440,30 @@ class FilesystemStorage:
                 self._dedup.maintain()
 
     def upkeep(self) -> None:
-        """The serving daemon's periodic work (IReceivingStore); never raises for a full disk."""
+        """The serving daemon's periodic work (IReceivingStore); never raises for a full disk.
+
+        Checkpoints and prunes the dedup index and, about once a minute,
+        removes the directories of queues drained and idle for
+        ``idle_queue_after`` seconds, so ``channel_count`` and the walks
+        follow the live channels.
+        """
         try:
             self.maintain()
+            if time.monotonic() - self._idle_swept_at > _IDLE_SWEEP_EVERY:
+                self._idle_swept_at = time.monotonic()
+                self.remove_idle_queues()
         except StorageFull as e:
             self.log.warn("upkeep postponed: {error}", error=e)
+
+    def remove_idle_queues(self, idle: float | None = None) -> int:
+        """Remove the directories of queues with no bucket and no add for ``idle`` s."""
+        idle_s = self.idle_queue_after if idle is None else idle
+        removed = 0
+        with self._mutex, self._disk_errors():
+            self._check_open()
+            for queue, _path in list(self.layout.queue_dirs()):
+                removed += self._taker.remove_idle_queue(queue, idle_s)
+        return removed
 
     # -- looking -----------------------------------------------------------------------
 
@@ -528,10 +555,12 @@ class FilesystemStorage:
     def watch(self, queue: str, callback: Callable[[], None], reactor: Any) -> Callable[[], None]:
         """Call ``callback`` in the reactor after messages were added to ``queue``.
 
-        Watches the queue's wake file with inotify where Twisted has it;
-        returns a function that stops the watch (a no-op without inotify,
-        where the consumer's poll is the only wake-up).
+        Watches the queue's wake file with inotify where Twisted has it (and
+        its new one if upkeep removed an idle queue's directory); returns a
+        function that stops the watch (a no-op without inotify, where the
+        consumer's poll is the only wake-up).
         """
         from dropr.storage.files._wake import watch_wake_file
 
-        return watch_wake_file(self.wake_file(queue), callback, reactor)
+        validate_queue(queue)
+        return watch_wake_file(lambda: self.wake_file(queue), callback, reactor)

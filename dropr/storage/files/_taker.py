@@ -20,7 +20,14 @@ from dropr.storage._batchfile import BatchName
 from dropr.storage.files._dirlisting import DirListing
 from dropr.storage.files._disk import Disk
 from dropr.storage.files._durable import remove_empty_dirs, unlink_quietly
-from dropr.storage.files._layout import BUCKET_SETTLE, Layout, bucket_end_ms, bucket_start_ms
+from dropr.storage.files._layout import (
+    BUCKET_SETTLE,
+    LOCK_NAME,
+    WAKE_NAME,
+    Layout,
+    bucket_end_ms,
+    bucket_start_ms,
+)
 from dropr.storage.files._queueview import QueueView, QueueViews, release_line
 from dropr.storage.files._reader import BatchReader, Receipt
 from dropr.storage.files._statelog import StateLog, format_indexes, line
@@ -275,3 +282,36 @@ class Taker:
         finally:
             q.unlock()
         return removed
+
+    def remove_idle_queue(self, queue: str, idle_s: float) -> bool:
+        """Remove the directory of ``queue`` if it holds no bucket and had no add for ``idle_s``.
+
+        Under the queue's lock: its lock file goes too (a taker holding the
+        old one notices, see ``QueueView.lock``).  Empty priority and hour
+        directories go with it; the failed area is kept.  True if removed.
+        """
+        q = self.views.get(queue)
+        if not self.disk.isdir(q.path):
+            return False
+        q.lock()
+        try:
+            if any(True for _ in self.layout.buckets(q.path)):
+                return False
+            try:
+                last_add = self.disk.stat(os.path.join(q.path, WAKE_NAME)).st_mtime
+            except FileNotFoundError:
+                last_add = self.disk.stat(q.path).st_mtime
+            if self.clock() - last_add < idle_s:
+                return False
+            for pdir in self.layout.priority_dirs(q.path):
+                for hi in self.disk.listdir(pdir):
+                    remove_empty_dirs(os.path.join(pdir, hi), disk=self.disk)
+                remove_empty_dirs(pdir, disk=self.disk)
+            unlink_quietly(os.path.join(q.path, WAKE_NAME), self.disk)
+            unlink_quietly(os.path.join(q.path, LOCK_NAME), self.disk)
+            remove_empty_dirs(q.path, disk=self.disk)
+            self.disk.sync_dir(self.layout.queues_dir)
+            self.listing.forget(self.layout.queues_dir, q.path)
+            return not self.disk.exists(q.path)
+        finally:
+            q.unlock()
