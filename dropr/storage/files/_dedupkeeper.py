@@ -9,6 +9,7 @@ and nothing is checkpointed past the unindexed batches.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -19,6 +20,7 @@ from dropr._message import Message
 from dropr.errors import InvalidMessage
 from dropr.storage.files._dedup import DedupIndex
 from dropr.storage.files._disk import Disk, is_disk_full
+from dropr.storage.files._layout import Layout
 
 #: Seconds between prunings of the dedup index.
 PRUNE_EVERY = 3600.0
@@ -132,3 +134,20 @@ class DedupKeeper:
             self.index.close()
         except OSError as e:
             self.log.warn("could not close the dedup index: {error}", error=e)
+
+
+def indexed_until(layout: Layout, index: DedupIndex | None) -> int | None:
+    """How far (ms) the dedup index of the root is durable; None for a root without one.
+
+    A consumer deletes a finished bucket only once this has passed it, so a
+    resend of its ids is still recognised.  Read from ``ids/checkpoint`` by
+    processes that do not own the index.
+    """
+    if index is not None:
+        return index.checkpoint_ms
+    try:
+        return int(layout.disk.read(os.path.join(layout.ids_dir, "checkpoint")).strip() or b"0")
+    except FileNotFoundError:
+        return None if not layout.disk.isdir(layout.ids_dir) else 0
+    except (OSError, ValueError):
+        return 0

@@ -17,6 +17,10 @@ import contextlib
 import errno
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from dropr.errors import StorageFull, StorageIOError
 
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 
@@ -176,3 +180,27 @@ REAL_DISK = Disk()
 def is_disk_full(e: BaseException) -> bool:
     """True for the errors of a full disk or quota."""
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path: str, e: OSError) -> StorageFull:
+    """The StorageFull of a full disk under the root ``path``."""
+    return StorageFull(
+        f"{path} is full: its disk has no room ({e.strerror}); nothing was "
+        "stored. Retry once there is room again"
+    )
+
+
+@contextmanager
+def disk_errors(path: str) -> Iterator[None]:
+    """Turn the disk's errors under root ``path`` into dropr's: StorageFull or StorageIOError."""
+    try:
+        yield
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(path, e) from e
+        where = f" ({e.filename})" if e.filename else ""
+        raise StorageIOError(
+            f"{path}: the disk failed{where}: {e.strerror or e}. The call did "
+            "not complete; what it acknowledged before is kept. Check the disk "
+            "(dmesg), then retry"
+        ) from e

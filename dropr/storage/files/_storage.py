@@ -23,7 +23,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 from twisted.logger import Logger
@@ -35,7 +34,6 @@ from dropr.errors import (
     InvalidMessage,
     StorageClosed,
     StorageFull,
-    StorageIOError,
     StorageLocked,
 )
 from dropr.interfaces import (
@@ -49,9 +47,9 @@ from dropr.interfaces import (
 from dropr.storage import _batchfile as batchfile
 from dropr.storage.files import _recovery as recovery
 from dropr.storage.files._dedup import DedupIndex
-from dropr.storage.files._dedupkeeper import DedupKeeper
+from dropr.storage.files._dedupkeeper import DedupKeeper, indexed_until
 from dropr.storage.files._dirlisting import DirListing
-from dropr.storage.files._disk import REAL_DISK, Disk, is_disk_full
+from dropr.storage.files._disk import REAL_DISK, Disk, disk_errors
 from dropr.storage.files._durable import ensure_dir
 from dropr.storage.files._failedarea import FailedArea
 from dropr.storage.files._inspect import Inspector
@@ -173,7 +171,7 @@ class FilesystemStorage:
             clock,
             self.owner,
             sole_taker,
-            self._indexed_until,
+            lambda: indexed_until(self.layout, self.dedup),
         )
         self._usage = UsageCounter(self.layout, disk, self._all_buckets, usage_refresh)
         self._inspector = Inspector(
@@ -187,7 +185,7 @@ class FilesystemStorage:
         self._root_lock_fd = -1
         self._dedup: DedupKeeper | None = None
         try:
-            with self._disk_errors():
+            with disk_errors(self.path):
                 self._open(exclusive or dedup or sole_taker, dedup, dedup_window)
         except BaseException:
             self.close()
@@ -264,27 +262,6 @@ class FilesystemStorage:
         if self._closed:
             raise StorageClosed(f"storage {self.path} is closed: open it again")
 
-    @contextmanager
-    def _disk_errors(self) -> Iterator[None]:
-        """Turn the disk's errors into dropr's: StorageFull or StorageIOError."""
-        try:
-            yield
-        except OSError as e:
-            if is_disk_full(e):
-                raise self._disk_full(e) from e
-            where = f" ({e.filename})" if e.filename else ""
-            raise StorageIOError(
-                f"{self.path}: the disk failed{where}: {e.strerror or e}. The call did "
-                "not complete; what it acknowledged before is kept. Check the disk "
-                "(dmesg), then retry"
-            ) from e
-
-    def _disk_full(self, e: OSError) -> StorageFull:
-        return StorageFull(
-            f"{self.path} is full: its disk has no room ({e.strerror}); nothing was "
-            "stored. Retry once there is room again"
-        )
-
     # -- adding ------------------------------------------------------------------------
 
     def add(
@@ -324,7 +301,7 @@ class FilesystemStorage:
         for queue, messages in batches:
             validate_queue(queue)
             validate_messages(messages, self.max_payload)
-        with self._mutex, self._disk_errors():
+        with self._mutex, disk_errors(self.path):
             self._check_open()
             if self._dedup is not None:
                 batches = self._dedup.unseen(batches)
@@ -358,7 +335,7 @@ class FilesystemStorage:
         if limit < 1:
             return []
         lease_s = self.default_lease if lease is None else lease
-        with self._mutex, self._disk_errors():
+        with self._mutex, disk_errors(self.path):
             self._check_open()
             return self._taker.take(queue, limit, lease_s)
 
@@ -379,7 +356,7 @@ class FilesystemStorage:
         messages = list(messages)
         if not isinstance(reason, str) or not reason:
             raise InvalidMessage("fail() needs a reason: a short text saying what went wrong")
-        with self._mutex, self._disk_errors():
+        with self._mutex, disk_errors(self.path):
             self._check_open()
             by_queue: dict[str, list[Message]] = {}
             for m in messages:
@@ -389,7 +366,7 @@ class FilesystemStorage:
             self._taker.settle(messages, "F", True)
 
     def _settle(self, messages: Iterable[Message], op: str, sync: bool) -> None:
-        with self._mutex, self._disk_errors():
+        with self._mutex, disk_errors(self.path):
             self._check_open()
             self._taker.settle(messages, op, sync)
 
@@ -400,21 +377,9 @@ class FilesystemStorage:
         one takes from any more.  Buckets that began less than ``older_than``
         seconds ago are kept.  Returns how many buckets were deleted.
         """
-        with self._mutex, self._disk_errors():
+        with self._mutex, disk_errors(self.path):
             self._check_open()
             return self._taker.remove_finished(validate_queue(queue), older_than)
-
-    def _indexed_until(self) -> int | None:
-        """The dedup checkpoint of this root (ms), or None without an index."""
-        if self.dedup is not None:
-            return self.dedup.checkpoint_ms
-        try:
-            raw = self.disk.read(os.path.join(self.layout.ids_dir, "checkpoint"))
-            return int(raw.strip() or b"0")
-        except FileNotFoundError:
-            return None if not self.disk.isdir(self.layout.ids_dir) else 0
-        except (OSError, ValueError):
-            return 0
 
     def quarantine(
         self, path: str, reason: str, salvage: Sequence[Message] = (), name: Any = None
@@ -424,7 +389,7 @@ class FilesystemStorage:
         ``salvage``, the readable prefix of a batch named ``name``, stays in
         its bucket under the same batch id.
         """
-        with self._mutex, self._disk_errors():
+        with self._mutex, disk_errors(self.path):
             self._reader.quarantine(path, reason, salvage, name)
 
     # -- upkeep ------------------------------------------------------------------------
@@ -435,7 +400,7 @@ class FilesystemStorage:
         Call it every second or so; the checkpoint lets consumers delete
         consumed batches and bounds the work of recovery after a crash.
         """
-        with self._mutex, self._disk_errors():
+        with self._mutex, disk_errors(self.path):
             if self._dedup is not None and not self._closed:
                 self._dedup.maintain()
 
@@ -457,13 +422,9 @@ class FilesystemStorage:
 
     def remove_idle_queues(self, idle: float | None = None) -> int:
         """Remove the directories of queues with no bucket and no add for ``idle`` s."""
-        idle_s = self.idle_queue_after if idle is None else idle
-        removed = 0
-        with self._mutex, self._disk_errors():
+        with self._mutex, disk_errors(self.path):
             self._check_open()
-            for queue, _path in list(self.layout.queue_dirs()):
-                removed += self._taker.remove_idle_queue(queue, idle_s)
-        return removed
+            return self._taker.remove_idle_queues(self.idle_queue_after if idle is None else idle)
 
     # -- looking -----------------------------------------------------------------------
 
@@ -549,7 +510,7 @@ class FilesystemStorage:
     def wake_file(self, queue: str) -> str:
         """The file whose change time moves each time ``queue`` gets messages."""
         validate_queue(queue)
-        with self._disk_errors():
+        with disk_errors(self.path):
             return self._writer.wake_file(queue)
 
     def watch(self, queue: str, callback: Callable[[], None], reactor: Any) -> Callable[[], None]:

@@ -283,6 +283,10 @@ class Taker:
             q.unlock()
         return removed
 
+    def remove_idle_queues(self, idle_s: float) -> int:
+        """Remove every queue directory that is drained and idle; how many went."""
+        return sum(self.remove_idle_queue(q, idle_s) for q, _p in list(self.layout.queue_dirs()))
+
     def remove_idle_queue(self, queue: str, idle_s: float) -> bool:
         """Remove the directory of ``queue`` if it holds no bucket and had no add for ``idle_s``.
 
