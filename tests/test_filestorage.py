@@ -549,3 +549,18 @@ def test_batch_ids_never_fall_below_the_dedup_checkpoint(tmp_path: Path) -> None
         storage.close()
     finally:
         ids._last_ms, ids._counter = saved
+
+
+def test_usage_is_a_running_total_between_counts(tmp_path: Path) -> None:
+    """Adds, acks and fails of this process change usage() at once, without a walk."""
+    storage = FilesystemStorage(str(tmp_path), usage_refresh=3600.0)
+    storage.add(Q, make(4))
+    assert storage.usage()[0] == 4  # the first look counts
+    storage.add(Q, make(2))
+    a, b, c = storage.take(Q, 3)
+    storage.ack([a])
+    storage.fail([b], "no")
+    storage.release([c])
+    assert storage.usage()[0] == 4
+    assert storage.count_usage()[0] == 4  # and a count agrees
+    storage.close()

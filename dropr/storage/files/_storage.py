@@ -364,11 +364,15 @@ class FilesystemStorage:
             for queue, group in by_queue.items():
                 self._failed.write(queue, group, reason)
             self._taker.settle(messages, "F", True)
+            self._usage.settled(len(messages), sum(len(m.payload) for m in messages))
 
     def _settle(self, messages: Iterable[Message], op: str, sync: bool) -> None:
+        messages = list(messages)
         with self._mutex, disk_errors(self.path):
             self._check_open()
             self._taker.settle(messages, op, sync)
+            if op == "A":
+                self._usage.settled(len(messages), sum(len(m.payload) for m in messages))
 
     def remove_finished(self, queue: str, older_than: float = 0.0) -> int:
         """Delete the buckets of ``queue`` whose every message is acked or failed.

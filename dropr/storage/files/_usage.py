@@ -4,8 +4,8 @@ Counted from batch file names less what the state logs say is finished,
 cached per bucket by its mtime and its state log's size, so a count costs a
 stat per bucket plus a look at the buckets that changed.  Between counts
 (at most every ``refresh`` seconds) the figures are running totals: what
-this process added is added to them at once; other processes' changes show
-at the next count.
+this process adds, acks and fails changes them at once; other processes'
+changes show at the next count.
 
 Processes share the work: whoever counts writes the figures to the root's
 ``usage`` file, and another process trusts that file while it is younger
@@ -91,6 +91,12 @@ class UsageCounter:
         if self._figures is not None:
             at, c, b = self._figures
             self._figures = (at, c + count, b + nbytes)
+
+    def settled(self, count: int, nbytes: int) -> None:
+        """This process acked or failed ``count`` messages of ``nbytes``: take them off."""
+        if self._figures is not None:
+            at, c, b = self._figures
+            self._figures = (at, max(0, c - count), max(0, b - nbytes))
 
     def count(self) -> tuple[int, int]:
         """Count what waits now, and share the figures in the ``usage`` file."""
