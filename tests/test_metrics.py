@@ -521,6 +521,7 @@ def test_twistd_logger_option_gives_json_lines_on_stdout(tmp_path: Path) -> None
             "dropr-server",
             "--listen",
             f"tcp:{port}:interface=127.0.0.1",
+            "--allow-anonymous-local",
             "--store",
             str(tmp_path / "store"),
         ],

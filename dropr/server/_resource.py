@@ -222,7 +222,9 @@ def make_site(
     """
     os.makedirs(work_dir, mode=0o700, exist_ok=True)
     receiver = Receiver(store, limits, metrics=metrics)
-    site = ReceiverSite(Resource(), limits, work_dir, authenticator, timeout=timeout)
+    site = ReceiverSite(
+        Resource(), limits, work_dir, authenticator, timeout=timeout, reactor=reactor
+    )
     resource = ReceiverResource(receiver, reactor, pool, site.parsing)
     site.resource = resource
     site.metrics = receiver.metrics

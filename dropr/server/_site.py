@@ -373,6 +373,15 @@ class _Refused(Resource):
         return self.refusal.body()
 
 
+class _Answered(Resource):
+    """A request refused while it arrived: its answer is written already."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> int:
+        return server.NOT_DONE_YET
+
+
 class ReceiverSite(server.Site):
     """The site of a dropr-server: limits, what is in flight, and the work directory."""
 
@@ -409,6 +418,8 @@ class ReceiverSite(server.Site):
         return super().buildProtocol(addr)
 
     def getResourceFor(self, request: server.Request) -> Any:
+        if getattr(request, "_refused", False):
+            return _Answered()
         if request.method not in ALLOWED_METHODS:
             return _Refused(method_not_allowed(request.method), {"Allow": "GET, HEAD, POST"})
         if not is_canonical_path(request.path):
