@@ -543,7 +543,7 @@ def test_unverified_bytes_in_flight_are_capped_per_client_and_in_all(tmp_path: P
         assert status == 503 and answer["retry"] is True
         assert b"Retry-After" in raw_answer
         # Anonymous requests count against the total as well.
-        other, other_t = w.connect()
+        other, _other_t = w.connect()
         other.dataReceived(request(body)[:-10])
         assert w.site.in_flight.held == 2 * len(body)
         third, third_t = w.connect()
@@ -564,7 +564,7 @@ def test_a_raw_message_is_held_to_the_payload_limit_before_it_is_read(wire: Wire
     limit = Limits().max_payload
     channel, transport = wire.connect()
     channel.dataReceived(request(b"", content_type="text/plain", length=limit + 1))
-    status, answer, _ = parse_answer(transport.value())
+    status, _answer, _ = parse_answer(transport.value())
     assert status == 413
     assert os.listdir(wire.work_dir) == []
 
@@ -583,7 +583,7 @@ def test_out_of_descriptors_is_answered_503(wire: Wire, monkeypatch: pytest.Monk
 
 def test_connection_limits_follow_the_descriptor_limit() -> None:
     assert plan_connections(None, descriptors=1_048_576) == 1000
-    assert plan_connections(None, descriptors=256) == (256 - 64) // 2
+    assert plan_connections(None, descriptors=256) == (256 - 64) // 4
     assert plan_connections(50, descriptors=256) == 50
     with pytest.raises(NotEnoughDescriptors, match="LimitNOFILE"):
         plan_connections(1000, descriptors=1024)

@@ -33,8 +33,7 @@ from dropr._ids import new_id
 from dropr._message import Message
 from dropr.client import tap as client_tap
 from dropr.client._transport import HTTPTransport
-from dropr.daemon._tls import TLSConfigError, client_policy, load_ca_certificates
-from dropr.daemon._tls import is_local_endpoint
+from dropr.daemon._tls import TLSConfigError, client_policy, is_local_endpoint, load_ca_certificates
 from dropr.server import tap as server_tap
 from dropr.server._receiver import Limits
 from dropr.testing import ClientProcess, ServerProcess, free_port, wait_until

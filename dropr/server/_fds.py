@@ -1,7 +1,9 @@
 """File descriptors, planned: how many connections this process can serve.
 
 Each connection holds a socket, and a file for its body while an upload
-arrives; the store, the log and the listeners need some more.  The limit
+arrives; a connection refused for being one too many holds its socket for
+a moment while its 503 goes out; the store, the log and the listeners need
+some more.  The limit
 of connections is set below what ``RLIMIT_NOFILE`` allows, so that the
 server answers 503 to a connection too many instead of failing to open a
 file (a 500) or to accept (a dropped connection).
@@ -15,8 +17,10 @@ from twisted.logger import Logger
 
 from dropr.errors import DroprError
 
-#: Descriptors a connection may hold: its socket and its body's file.
-PER_CONNECTION = 2
+#: Descriptors planned per connection served: its socket and its body's
+#: file, and two more for connections refused (503) while it is served,
+#: which linger a moment so that their answer arrives.
+PER_CONNECTION = 4
 #: Descriptors kept for everything else: the store (index files, SQLite's
 #: database and WAL, a database connection), logs, listeners, threads.
 RESERVED = 64

@@ -342,17 +342,40 @@ class ReceiverChannel(http.HTTPChannel):
 
 
 class _TooManyConnections(Protocol):
-    """Answers 503 and hangs up: the server has as many connections as it takes."""
+    """Answers 503 and hangs up: the server has as many connections as it takes.
+
+    The answer is followed by a lingering close, as for a refused request:
+    closing at once with the client's request unread would reset the
+    connection and could destroy the answer.  Each lingering refusal holds
+    a descriptor, so as many linger at once as connections are served;
+    beyond that the site stops accepting until some are gone, and new
+    connections wait in the kernel's queue instead of being dropped.
+    """
 
     def __init__(self, site: Any = None) -> None:
         self.site = site
+        self._lingering = False
 
     def connectionMade(self) -> None:
         refusal = Refusal(503, "too many connections; retry later", retry=True)
         _observe_refusal(self.site, refusal, self.transport)
         assert self.transport is not None
         self.transport.write(error_response(refusal, {"Retry-After": "5"}))
-        self.transport.loseConnection()
+        if self.site is not None and hasattr(self.transport, "loseWriteConnection"):
+            self._lingering = True
+            self.site.linger_started()
+            self.transport.loseWriteConnection()
+            self.site.reactor.callLater(_LINGER, self.transport.loseConnection)
+        else:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass  # read and dropped while the answer goes out
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._lingering:
+            self._lingering = False
+            self.site.linger_ended()
 
 
 class _Refused(Resource):
@@ -409,13 +432,42 @@ class ReceiverSite(server.Site):
         self.authenticator = authenticator
         self.in_flight = InFlightBytes(limits.unverified_per_client, limits.unverified_total)
         self.parsing = ByteBudget(limits.parsing_bytes)
-        #: Connections open now.
+        #: Connections open now, and refused ones still draining.
         self.connections = 0
+        self.lingering = 0
+        #: The ports listening for this site (see add_port).
+        self.ports: list[Any] = []
+        self._paused = False
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.connections >= self.limits.max_connections:
             return _TooManyConnections(self)
         return super().buildProtocol(addr)
+
+    def add_port(self, port: Any) -> Any:
+        """A listening port of this site: paused while too many refusals linger."""
+        self.ports.append(port)
+        return port
+
+    def linger_started(self) -> None:
+        self.lingering += 1
+        if self.lingering >= self.limits.max_connections and not self._paused:
+            log.warn(
+                "dropr-server stops accepting for a moment: {n} connections refused and {m} served",
+                n=self.lingering,
+                m=self.connections,
+            )
+            self._paused = True
+            for port in self.ports:
+                port.stopReading()
+
+    def linger_ended(self) -> None:
+        self.lingering -= 1
+        if self._paused and self.lingering < self.limits.max_connections // 2:
+            self._paused = False
+            for port in self.ports:
+                if port.connected:
+                    port.startReading()
 
     def getResourceFor(self, request: server.Request) -> Any:
         if getattr(request, "_refused", False):

@@ -8,7 +8,7 @@ import tempfile
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -29,6 +29,7 @@ from dropr.interfaces import IReceivingStore
 from dropr.monitoring._metrics import ServerMetrics
 from dropr.monitoring._statuspage import MonitoringRoot, server_pages
 from dropr.server._fds import plan_connections
+from dropr.server._listener import ListenerService
 from dropr.server._receiver import DEFAULT_MAX_CHANNELS, Limits
 from dropr.server._resource import ReceiverResource, make_site
 from dropr.server._stats import StatsSource
@@ -390,9 +391,5 @@ def makeService(options: Options, reactor: Any = None) -> ServerService:
     upkeep.clock = reactor
     upkeep.setServiceParent(top)
     for endpoint in endpoints:
-        listener = StreamServerEndpointService(endpoint, site)
-        # As twisted.application.strports does: a port that cannot be bound
-        # fails the start, instead of a daemon that runs and never listens.
-        listener._raiseSynchronously = True
-        listener.setServiceParent(top)
+        ListenerService(endpoint, site).setServiceParent(top)
     return top
