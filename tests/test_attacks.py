@@ -467,28 +467,40 @@ def test_local_users_are_not_trusted_by_default(tmp_path: Path) -> None:
 # --- memory -------------------------------------------------------------------------
 
 
-def test_eight_uploads_of_64_mib_keep_memory_bounded(server: ServerProcess) -> None:
-    """Eight 63 MiB batches at once: the server's peak RSS stays under 256 MiB."""
+def test_eight_uploads_of_64_mib_keep_memory_bounded(tmp_path: Path) -> None:
+    """Eight clients post 63 MiB batches at once: the server's peak RSS stays under 256 MiB."""
+    clients = tmp_path / "clients"
+    clients.write_text("".join(f"client{n} {SECRET}\n" for n in range(8)))
+    clients.chmod(0o600)
+    server = ServerProcess(
+        str(tmp_path / "store"), str(tmp_path / "server.log"), extra=["--credentials", str(clients)]
+    ).start_and_wait()
     errors: list[Any] = []
 
     def upload(n: int) -> None:
         try:
             payload = bytes([n]) * MIB
             batch = [dropr.Message(new_id(), payload, "big", 5) for _ in range(63)]
-            status, answer = post(server.url, *signed_batch(batch), timeout=300)
+            body = encode_batch(batch)
+            who = Credentials(f"client{n}", SECRET.encode())
+            headers = sign_request(who, body, content_type=CONTENT_TYPE)
+            status, answer = post(server.url, body, headers, timeout=300)
             if status != 200 or len(answer["stored"]) != 63:
                 errors.append((status, answer))
         except Exception as e:  # handed to the test
             errors.append(e)
 
-    before = proc_status(server.pid, "VmRSS")
-    threads = [threading.Thread(target=upload, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    peak = proc_status(server.pid, "VmHWM")
-    after = proc_status(server.pid, "VmRSS")
+    try:
+        before = proc_status(server.pid, "VmRSS")
+        threads = [threading.Thread(target=upload, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        peak = proc_status(server.pid, "VmHWM")
+        after = proc_status(server.pid, "VmRSS")
+    finally:
+        server.stop()
     print(
         f"\nRSS before {before / MIB:.0f} MiB, peak {peak / MIB:.0f} MiB, "
         f"after {after / MIB:.0f} MiB"

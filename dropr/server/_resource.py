@@ -33,6 +33,7 @@ from dropr.server._answers import (
     single_message_args,
 )
 from dropr.server._budget import ByteBudget
+from dropr.server._memory import TRIM_AFTER, trim
 from dropr.server._receiver import Limits, Receiver
 from dropr.server._site import ReceiverSite, UploadRequest, observe, peer_of
 from dropr.wire import CONTENT_TYPE, WireError, encode_answer
@@ -155,6 +156,8 @@ class ReceiverResource(Resource):
 
         def done(result: object) -> object:
             self.parsing.release(size)
+            if size >= TRIM_AFTER:
+                trim()
             return result
 
         d = waited.addCallback(run).addBoth(done)

@@ -30,6 +30,7 @@ from dropr.monitoring._metrics import ServerMetrics
 from dropr.monitoring._statuspage import MonitoringRoot, server_pages
 from dropr.server._fds import plan_connections
 from dropr.server._listener import ListenerService
+from dropr.server._memory import fix_mmap_threshold
 from dropr.server._receiver import DEFAULT_MAX_CHANNELS, Limits
 from dropr.server._resource import ReceiverResource, make_site
 from dropr.server._stats import StatsSource
@@ -359,6 +360,7 @@ def makeService(options: Options, reactor: Any = None) -> ServerService:
     """Build the dropr-server service tree from parsed ``options``."""
     reactor = reactor or global_reactor
     authenticator = _authenticator(options)
+    fix_mmap_threshold()  # memory of large batches goes back when freed
     limits = _limits(options)
     endpoints = []
     for description in options["listen"]:
