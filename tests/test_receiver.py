@@ -584,7 +584,7 @@ def test_out_of_descriptors_is_answered_503(wire: Wire, monkeypatch: pytest.Monk
 def test_connection_limits_follow_the_descriptor_limit() -> None:
     assert plan_connections(None, descriptors=1_048_576) == 1000
     assert plan_connections(None, descriptors=256) == (256 - 64) // 4
-    assert plan_connections(50, descriptors=256) == 50
+    assert plan_connections(40, descriptors=256) == 40
     with pytest.raises(NotEnoughDescriptors, match="LimitNOFILE"):
         plan_connections(1000, descriptors=1024)
 

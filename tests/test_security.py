@@ -555,6 +555,7 @@ def test_anonymous_allowed_still_checks_what_is_signed(tmp_path: Path) -> Any:
         yield server.stop()
 
 
+@pytest.mark.slow
 def test_daemons_with_credentials_deliver_and_wrong_ones_keep_messages(tmp_path: Path) -> None:
     server_creds = write_secret_file(
         tmp_path / "clients", f"alice {SECRET_A.decode()}\nbob {SECRET_B.decode()}\n"
@@ -793,6 +794,7 @@ def test_the_client_refuses_answers_that_are_not_drops_json() -> None:
     assert not any(r.stored for r in results)
 
 
+@pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_a_slow_loris_is_answered_408_and_cut_off(tmp_path: Path) -> Any:
     server = Server(tmp_path, Limits(request_timeout=1.0))
@@ -921,6 +923,7 @@ def test_spool_and_store_are_owner_only_whatever_the_umask(
     assert _modes_are_private(store_path) == []
 
 
+@pytest.mark.slow
 def test_real_daemons_make_owner_only_paths_with_an_open_umask(
     tmp_path: Path, open_umask: None
 ) -> None:
@@ -975,6 +978,7 @@ def test_ids_carry_64_random_bits() -> None:
     assert len({t >> 48 for t in tails}) > 60_000 // 1000  # and is spread out
 
 
+@pytest.mark.slow
 def test_the_server_runs_as_an_unprivileged_user(tmp_path: Path) -> None:
     """Started as ``nobody`` (as systemd's User= would), it stores, and its files are nobody's."""
     import pwd

@@ -269,6 +269,7 @@ def test_an_ssl_listener_is_judged_local_by_its_parsed_interface(pki: PKI) -> No
     assert not is_local_endpoint(f"ssl:443:{keys}:interface=0.0.0.0")
 
 
+@pytest.mark.slow
 def test_twistd_daemons_over_https_with_credentials(tmp_path: Path, pki: PKI) -> None:
     """The whole path: put → dropr-client (--ca-file, --credentials) → ssl: dropr-server."""
     secret = "s3cr3t-" + "x" * 20
@@ -320,6 +321,7 @@ def test_twistd_daemons_over_https_with_credentials(tmp_path: Path, pki: PKI) ->
         server.stop()
 
 
+@pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_the_openssl_recipe_of_the_docs_makes_a_working_ca(tmp_path: Path) -> Any:
     """docs/security.rst's private CA, run as written (its IP replaced by 127.0.0.1)."""
