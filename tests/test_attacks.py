@@ -8,6 +8,7 @@ the server's insides, so the same file can be run against an older tree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -87,10 +88,9 @@ def connect(port: int) -> socket.socket:
 
 
 def send(sock: socket.socket, data: bytes) -> None:
-    try:
+    # The server may hang up midway; what it said is read later.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         sock.sendall(data)
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the server hung up; what it said is read later
 
 
 def answer_of(sock: socket.socket, timeout: float) -> bytes:
