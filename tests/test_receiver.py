@@ -45,6 +45,7 @@ from dropr.server._answers import (
 from dropr.server._fds import NotEnoughDescriptors, plan_connections
 from dropr.server._receiver import Limits
 from dropr.server._resource import make_site
+from dropr.server._stats import CappedStats
 from dropr.storage._spec import open_store
 from dropr.wire import CONTENT_TYPE, WireError, encode_batch
 
@@ -629,3 +630,17 @@ def test_channels_are_capped(tmp_path: Path, kind: str) -> None:
         assert w.store.channel_count() == 3
     finally:
         w.close()
+
+
+def test_stats_list_a_bounded_number_of_channels() -> None:
+    class Metrics:
+        def stats_json(self) -> dict[str, Any]:
+            channels = {f"c{i:05d}": {"depth": i % 7} for i in range(1000)}
+            rates = {"channels": {name: [1] for name in channels}}
+            return {"channels": channels, "rates": rates}
+
+    data = CappedStats(Metrics(), limit=10).stats_json()
+    assert data["channels_total"] == 1000 and data["channels_shown"] == 10
+    assert all(c["depth"] == 6 for c in data["channels"].values())  # the fullest
+    assert set(data["rates"]["channels"]) == set(data["channels"])
+    assert len(json.dumps(data)) < 2000

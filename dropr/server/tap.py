@@ -27,13 +27,13 @@ from dropr.daemon._tls import TLSConfigError, check_endpoint_key, is_local, serv
 from dropr.errors import DroprError
 from dropr.interfaces import IReceivingStore
 from dropr.monitoring._metrics import ServerMetrics
-from dropr.monitoring._statuspage import MonitoringRoot, server_pages
+from dropr.monitoring._statuspage import MonitoringRoot, StatsResource, server_pages
 from dropr.server._fds import plan_connections
 from dropr.server._listener import ListenerService
 from dropr.server._memory import fix_mmap_threshold
 from dropr.server._receiver import DEFAULT_MAX_CHANNELS, Limits
 from dropr.server._resource import ReceiverResource, make_site
-from dropr.server._stats import StatsSource
+from dropr.server._stats import CappedStats, StatsSource
 from dropr.storage._spec import open_store, redact, spec_kind, spec_path
 
 
@@ -388,7 +388,10 @@ def makeService(options: Options, reactor: Any = None) -> ServerService:
     top.stats_reader = stats_reader
     top.log_observer = logs.observer_for(options["log-format"], getattr(options, "parent", None))
     # /metrics, /stats and /status beside the receiver's own pages.
-    site.resource = MonitoringRoot(resource, server_pages(metrics, reactor))
+    pages = server_pages(metrics, reactor)
+    # /stats lists a bounded number of channels, however many the store holds.
+    pages[b"stats"] = StatsResource(CappedStats(metrics), reactor)
+    site.resource = MonitoringRoot(resource, pages)
     upkeep = TimerService(1.0, _upkeep, reactor, pool, store)
     upkeep.clock = reactor
     upkeep.setServiceParent(top)
