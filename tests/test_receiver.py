@@ -590,7 +590,16 @@ def test_connection_limits_follow_the_descriptor_limit() -> None:
         plan_connections(1000, descriptors=1024)
 
 
-@pytest.mark.parametrize("kind", ["files", "sqlite"])
+#: Until the file-system store's store() is one all-or-nothing step.
+FILES_NOT_YET_ATOMIC = pytest.param(
+    "files",
+    marks=pytest.mark.xfail(
+        strict=True, reason="FilesystemStorage.store() still adds channel by channel"
+    ),
+)
+
+
+@pytest.mark.parametrize("kind", [FILES_NOT_YET_ATOMIC, "sqlite"])
 def test_a_refused_request_stores_nothing_on_any_store(tmp_path: Path, kind: str) -> None:
     """(attack 6) 507 for a batch over ten channels: none of its messages is stored."""
     spec = str(tmp_path / "store") if kind == "files" else f"sqlite://{tmp_path}/store.db"
@@ -600,8 +609,6 @@ def test_a_refused_request_stores_nothing_on_any_store(tmp_path: Path, kind: str
         status, answer, _ = w.exchange(request(encode_batch(batch)))
         assert status == 507
         assert answer["error"] == STORE_FULL  # and no path of the store in it
-        if kind == "files" and w.depth() != 0:
-            pytest.xfail("FilesystemStorage.store() adds channel by channel")
         assert w.depth() == 0
         status, _, _ = w.exchange(request(encode_batch(msgs(5))))
         assert status == 200
@@ -644,3 +651,28 @@ def test_stats_list_a_bounded_number_of_channels() -> None:
     assert all(c["depth"] == 6 for c in data["channels"].values())  # the fullest
     assert set(data["rates"]["channels"]) == set(data["channels"])
     assert len(json.dumps(data)) < 2000
+
+
+def test_sqlite_is_a_receiving_store(tmp_path: Path) -> None:
+    """All or nothing across channels, running figures, drained channels forgotten."""
+    from zope.interface.verify import verifyObject
+
+    from dropr.interfaces import IReceivingStore
+    from dropr.storage._sqlite import SQLiteStorage
+
+    store = SQLiteStorage(str(tmp_path / "store.db"), dedup=True, max_messages=5)
+    try:
+        assert verifyObject(IReceivingStore, store)
+        a, b = msgs(3, channel="a"), msgs(3, channel="b")
+        with pytest.raises(StorageFull):
+            store.store([("a", a), ("b", b)])
+        assert store.usage() == (0, 0) and store.channel_count() == 0
+        assert sorted(store.store([("a", a), ("b", b[:2])])) == sorted(m.id for m in a + b[:2])
+        assert store.store([("a", a)]) == []  # known ids: skipped
+        assert store.usage() == (5, 50) and store.channel_count() == 2
+        assert store.oldest_accepted_id() < a[0].id[:12]
+        store.ack(store.take("b", 10))
+        store.upkeep()
+        assert store.channel_count() == 1
+    finally:
+        store.close()
