@@ -20,6 +20,7 @@ from dropr.storage._spec import open_store
 from dropr.storage.files._storage import FilesystemStorage
 from dropr.testing import ClientProcess, ServerProcess, free_port, twistd_command, wait_until
 
+# Real twistd daemons over real sockets.
 pytestmark = pytest.mark.slow
 
 CHANNELS = ("orders", "audit", "mail")

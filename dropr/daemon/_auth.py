@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
 
+from dropr.errors import DroprError
+
 SCHEME = "dropr-hmac-v2"
 CLIENT_HEADER = "X-Dropr-Client"
 TIMESTAMP_HEADER = "X-Dropr-Timestamp"
@@ -72,7 +74,7 @@ _TIMESTAMP_RE = re.compile(r"(?:0|[1-9][0-9]{0,11})\Z")
 _HEX256_RE = re.compile(r"[0-9a-f]{64}\Z")
 
 
-class AuthError(Exception):
+class AuthError(DroprError):
     """A request that is not authenticated: answered 401, nothing stored.
 
     Its text says what was wrong, for the server's log; the client is only
@@ -80,7 +82,7 @@ class AuthError(Exception):
     """
 
 
-class CredentialsError(Exception):
+class CredentialsError(DroprError):
     """A credentials file that cannot be used; the daemon does not start."""
 
 

@@ -214,7 +214,7 @@ class UploadRequest(server.Request):
             return True
         return bool(self._digest is not None and self._digest.hexdigest() == self.claim.body_sha256)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure) -> None:
         self.release_in_flight()
         super().connectionLost(reason)
 
@@ -297,8 +297,8 @@ class ReceiverChannel(http.HTTPChannel):
         if len(self.requests) > before:
             parts = line.split()
             request = self.requests[-1]
-            request.head_method = parts[0] if parts else b""  # type: ignore[attr-defined]
-            request.head_uri = parts[1] if len(parts) > 1 else b""  # type: ignore[attr-defined]
+            request.head_method = parts[0] if parts else b""
+            request.head_uri = parts[1] if len(parts) > 1 else b""
 
     def allContentReceived(self) -> None:
         self._stop_deadline()
@@ -329,7 +329,7 @@ class ReceiverChannel(http.HTTPChannel):
         )
         refusal = Refusal(408, f"request not complete within {limit:g} seconds; send it faster")
         for request in self.requests:
-            request._refused = True  # type: ignore[attr-defined]  # what still arrives is not kept
+            request._refused = True  # what still arrives is not kept
             release = getattr(request, "release_in_flight", None)
             if release is not None:
                 release()

@@ -23,39 +23,20 @@ from dropr.daemon._auth import (
     check_not_world_writable,
     load_server_credentials,
 )
+from dropr.daemon._options import log_format as _log_format
+from dropr.daemon._options import size as _size
 from dropr.daemon._tls import TLSConfigError, check_endpoint_key, is_local, server_endpoint
 from dropr.errors import DroprError
 from dropr.interfaces import IReceivingStore
-from dropr.monitoring._metrics import ServerMetrics
+from dropr.monitoring._metrics import ServerMetrics, StatsReader
 from dropr.monitoring._statuspage import MonitoringRoot, StatsResource, server_pages
 from dropr.server._fds import plan_connections
 from dropr.server._listener import ListenerService
 from dropr.server._memory import fix_mmap_threshold
 from dropr.server._receiver import DEFAULT_MAX_CHANNELS, Limits
 from dropr.server._resource import ReceiverResource, make_site
-from dropr.server._stats import CappedStats, StatsSource
+from dropr.server._stats import CappedStats
 from dropr.storage._spec import open_store, redact, spec_kind, spec_path
-
-
-def _size(text: str) -> int:
-    """``"64M"`` → 67108864; plain digits are bytes."""
-    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    factor = units.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in units else text
-    try:
-        value = int(float(number) * factor)
-    except ValueError:
-        raise usage.UsageError(f"not a size: {text!r} (use e.g. 1048576, 512K, 64M, 2G)") from None
-    if value < 0:
-        raise usage.UsageError(f"a size cannot be negative: {text!r}")
-    return value
-
-
-def _log_format(text: str) -> str:
-    if text not in logs.FORMATS:
-        raise usage.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}")
-    return text
 
 
 class Options(usage.Options):
@@ -204,7 +185,7 @@ class ServerService(service.MultiService):
     #: The log observer twistd is to use (--log-format), or None for its own.
     log_observer: logs.JSONLinesObserver | None = None
     #: Reads the store's figures for the metrics; closed with the service.
-    stats_reader: StatsSource | None = None
+    stats_reader: StatsReader | None = None
 
     def __init__(
         self, store: IReceivingStore, resource: ReceiverResource, pool: ThreadPool, name: str
@@ -353,7 +334,7 @@ def _open_store(options: Options) -> IReceivingStore:
     if not IReceivingStore.providedBy(store):
         store.close()
         raise SystemExit(f"dropr-server: the store {redact(spec)} cannot receive messages")
-    return store  # type: ignore[return-value]
+    return store
 
 
 def makeService(options: Options, reactor: Any = None) -> ServerService:
@@ -371,7 +352,7 @@ def makeService(options: Options, reactor: Any = None) -> ServerService:
     store = _open_store(options)
     # The store's figures for /metrics come from a store object of their
     # own, so that counting them never holds up an add.
-    stats_reader = StatsSource(options["store"])
+    stats_reader = StatsReader(options["store"])
     metrics = ServerMetrics(stats_reader)
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="dropr-disk")
     site, resource = make_site(
