@@ -380,16 +380,7 @@ def test_a_channel_flood_leaves_adds_fast(tmp_path: Path) -> None:
 # --- 6. all or nothing -------------------------------------------------------------
 
 
-#: Until the file-system store's store() is one all-or-nothing step.
-FILES_NOT_YET_ATOMIC = pytest.param(
-    "files",
-    marks=pytest.mark.xfail(
-        strict=True, reason="FilesystemStorage.store() still adds channel by channel"
-    ),
-)
-
-
-@pytest.mark.parametrize("kind", [FILES_NOT_YET_ATOMIC, "sqlite"])
+@pytest.mark.parametrize("kind", ["files", "sqlite"])
 def test_a_refused_batch_over_many_channels_stores_nothing(tmp_path: Path, kind: str) -> None:
     clients, _ = credentials_files(tmp_path)
     store = str(tmp_path / "store") if kind == "files" else f"sqlite://{tmp_path}/store.db"

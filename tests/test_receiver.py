@@ -590,16 +590,7 @@ def test_connection_limits_follow_the_descriptor_limit() -> None:
         plan_connections(1000, descriptors=1024)
 
 
-#: Until the file-system store's store() is one all-or-nothing step.
-FILES_NOT_YET_ATOMIC = pytest.param(
-    "files",
-    marks=pytest.mark.xfail(
-        strict=True, reason="FilesystemStorage.store() still adds channel by channel"
-    ),
-)
-
-
-@pytest.mark.parametrize("kind", [FILES_NOT_YET_ATOMIC, "sqlite"])
+@pytest.mark.parametrize("kind", ["files", "sqlite"])
 def test_a_refused_request_stores_nothing_on_any_store(tmp_path: Path, kind: str) -> None:
     """(attack 6) 507 for a batch over ten channels: none of its messages is stored."""
     spec = str(tmp_path / "store") if kind == "files" else f"sqlite://{tmp_path}/store.db"
