@@ -1,0 +1,401 @@
+"""Group commit for single puts: the client daemon's put socket.
+
+While ``dropr-client`` runs it listens on ``<spool>/put.sock`` (owner-only).
+A producer posts one message there (:mod:`dropr.client._puthttp` is the
+form, the same a dropr-server accepts) instead of writing a batch file of
+its own.  What arrives together is written as one batch file per
+destination and priority with one sync, on the daemon's disk thread, and
+every caller is answered only after that sync: a put through the socket is
+as durable as one written by the producer, but eight concurrent producers
+share one sync instead of paying eight.
+
+"Together" costs no waiting: the first message after a quiet spell is
+written at the end of the reactor turn it arrived in; whatever arrives
+while that write syncs is written next, in one batch.
+
+The senders are woken as the batch is handed to the disk thread, so their
+take queues right behind the write on the same thread and the batch leaves
+for its server at once, without the wake-up pipe or a rescan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dropr._message import Message
+from dropr.client._puthttp import (
+    CONTINUE,
+    USAGE,
+    ContinueNeeded,
+    HTTPError,
+    HTTPRequest,
+    RequestParser,
+    message_from_request,
+    response,
+)
+from dropr.errors import InvalidMessage, StorageFull
+
+SOCKET_NAME = "put.sock"
+#: Messages' payload bytes waiting for their batch before new ones are refused (503).
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+#: Requests one connection may have waiting for their answers before it is paused.
+MAX_PIPELINED = 256
+#: Connections at once; more are answered 503 and closed.
+MAX_CONNECTIONS = 1024
+
+#: What a group's write gives back per destination: None (stored) or the error.
+Outcome = dict[str, BaseException | None]
+
+
+def socket_path(spool_path: str) -> str:
+    """Where the put socket of the spool at ``spool_path`` lives."""
+    return os.path.join(spool_path, SOCKET_NAME)
+
+
+def write_groups(
+    add: Callable[[str, list[Message]], object], groups: dict[str, list[Message]]
+) -> Outcome:
+    """Store each destination's messages with one ``add``; runs on the disk thread.
+
+    Should an add refuse a message as invalid, the messages of that
+    destination are stored one by one, so that only the bad one is refused.
+    """
+    outcome: Outcome = {}
+    for destination, messages in groups.items():
+        try:
+            add(destination, messages)
+            outcome[destination] = None
+        except InvalidMessage:
+            for m in messages:
+                try:
+                    add(destination, [m])
+                    outcome[m.id] = None
+                except BaseException as e:
+                    outcome[m.id] = e
+        except BaseException as e:
+            outcome[destination] = e
+    return outcome
+
+
+class GroupCommit:
+    """Gathers messages into batches and answers each after its batch's sync.
+
+    :param add: stores one destination's messages durably (``storage.add``).
+    :param run: runs a callable on the disk thread, returning a Deferred.
+    :param reactor: for ``callLater(0, ...)``, the end of the current turn.
+    :param on_handed: called with the destinations of a batch as it goes to
+        the disk thread (the daemon wakes their senders then).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        add: Callable[[str, list[Message]], object],
+        run: Callable[[Callable[[], Outcome]], Deferred[Outcome]],
+        reactor: Any,
+        on_handed: Callable[[list[str]], None] = lambda destinations: None,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+    ) -> None:
+        self.add = add
+        self.run = run
+        self.reactor = reactor
+        self.on_handed = on_handed
+        self.max_pending_bytes = max_pending_bytes
+        self._pending: list[tuple[Message, Deferred[None]]] = []
+        self._pending_bytes = 0
+        self._scheduled = False
+        self._writing: Deferred[None] | None = None
+        #: Batches written and messages stored, for the log and the tests.
+        self.batches = 0
+        self.stored = 0
+
+    def put(self, message: Message) -> Deferred[None]:
+        """A Deferred that fires once ``message`` is durable (or fails why not)."""
+        if self._pending_bytes + len(message.payload) > self.max_pending_bytes and self._pending:
+            return _failed(StorageFull("the client daemon has too much waiting to be written"))
+        d: Deferred[None] = Deferred()
+        self._pending.append((message, d))
+        self._pending_bytes += len(message.payload)
+        if self._writing is None and not self._scheduled:
+            self._scheduled = True
+            self.reactor.callLater(0, self._write)
+        return d
+
+    def idle(self) -> Deferred[None]:
+        """Fires once nothing waits and nothing is being written."""
+        if self._writing is None and not self._pending:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        assert self._writing is not None or self._scheduled
+        waiter = self._writing
+        if waiter is None:
+            self.reactor.callLater(0, lambda: self.idle().chainDeferred(d))
+        else:
+            waiter.addBoth(lambda _: self.idle().chainDeferred(d))
+        return d
+
+    def _write(self) -> None:
+        self._scheduled = False
+        if self._writing is not None or not self._pending:
+            return
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        groups: dict[str, list[Message]] = {}
+        seen: set[str] = set()
+        for m, _d in batch:
+            # A producer that retried with the same id: one copy is enough.
+            if m.id not in seen:
+                seen.add(m.id)
+                assert m.destination is not None
+                groups.setdefault(m.destination, []).append(m)
+        self._writing = done = Deferred[None]()
+        d = self.run(lambda: write_groups(self.add, groups))
+        self.on_handed(list(groups))
+        d.addCallbacks(
+            self._written, self._write_failed, callbackArgs=(batch,), errbackArgs=(batch,)
+        )
+        d.addBoth(lambda _: self._next(done))
+
+    def _written(self, outcome: Outcome, batch: list[tuple[Message, Deferred[None]]]) -> None:
+        self.batches += 1
+        for m, d in batch:
+            assert m.destination is not None
+            error = outcome.get(m.id, outcome.get(m.destination))
+            if error is None:
+                self.stored += 1
+                d.callback(None)
+            else:
+                d.errback(Failure(error))
+
+    def _write_failed(self, failure: Failure, batch: list[tuple[Message, Deferred[None]]]) -> None:
+        self.log.failure("writing a batch of {count} puts failed", failure, count=len(batch))
+        for _m, d in batch:
+            d.errback(failure)
+
+    def _next(self, done: Deferred[None]) -> None:
+        self._writing = None
+        done.callback(None)
+        # What arrived while the batch synced was read meanwhile: write it now.
+        if self._pending:
+            self._write()
+
+
+def _failed(error: BaseException) -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    d.errback(Failure(error))
+    return d
+
+
+def answer_for(message: Message, failure: Failure | None) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body answering a put."""
+    if failure is None:
+        return 200, {"stored": [message.id], "rejected": {}}
+    error = failure.value
+    if isinstance(error, StorageFull):
+        return 507, {"error": str(error)}
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 507, {"error": f"the spool's disk is full ({error.strerror}); retry later"}
+    if isinstance(error, InvalidMessage):
+        return 400, {"error": str(error)}
+    return 500, {"error": "internal error while writing; the message was not stored"}
+
+
+class PutProtocol(protocol.Protocol):
+    """One producer's connection: requests in, answers out in the same order."""
+
+    def __init__(self, factory: PutFactory) -> None:
+        self.factory = factory
+        self.parser = RequestParser(factory.max_payload)
+        #: Answers in request order; None until known.
+        self._answers: deque[list[bytes | None]] = deque()
+        self._closing = False
+        self._paused = False
+
+    def _out(self) -> Any:
+        return self.transport
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        if self.factory.connections > MAX_CONNECTIONS:
+            self._closing = True
+            self._out().write(
+                response(503, {"error": "too many connections to the put socket; retry"}, False)
+            )
+            self._out().loseConnection()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.factory.connections -= 1
+        self._closing = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        for item in self.parser.feed(data):
+            if isinstance(item, ContinueNeeded):
+                if not self._answers:
+                    self._out().write(CONTINUE)
+            elif isinstance(item, HTTPError):
+                slot: list[bytes | None] = [response(item.status, {"error": item.reason}, False)]
+                self._answers.append(slot)
+                self._closing = True
+            else:
+                self._request(item)
+        self._flush()
+
+    def _request(self, request: HTTPRequest) -> None:
+        slot: list[bytes | None] = [None]
+        self._answers.append(slot)
+        keep_alive = request.keep_alive
+        if request.method == "GET":
+            body = {"service": "dropr-client put socket", "usage": USAGE}
+            slot[0] = response(200, body, keep_alive)
+        else:
+            try:
+                message = message_from_request(request)
+            except HTTPError as e:
+                slot[0] = response(e.status, {"error": e.reason}, keep_alive)
+            else:
+                d = self.factory.commit.put(message)
+
+                def answered(result: object, message: Message = message) -> None:
+                    failure = result if isinstance(result, Failure) else None
+                    status, body = answer_for(message, failure)
+                    slot[0] = response(status, body, keep_alive)
+                    self._flush()
+
+                d.addBoth(answered)
+        if not keep_alive:
+            self._closing = True
+        if len(self._answers) > MAX_PIPELINED and not self._paused:
+            self._paused = True
+            self._out().pauseProducing()
+
+    def _flush(self) -> None:
+        out: list[bytes] = []
+        while self._answers:
+            head = self._answers[0][0]
+            if head is None:
+                break
+            out.append(head)
+            self._answers.popleft()
+        if out:
+            self._out().write(b"".join(out))
+        if self._paused and len(self._answers) <= MAX_PIPELINED // 2:
+            self._paused = False
+            self._out().resumeProducing()
+        if self._closing and not self._answers:
+            self._out().loseConnection()
+
+
+class PutFactory(protocol.Factory):
+    """Makes a :class:`PutProtocol` per producer connection."""
+
+    def __init__(self, commit: GroupCommit, max_payload: int) -> None:
+        self.commit = commit
+        self.max_payload = max_payload
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> PutProtocol:
+        return PutProtocol(self)
+
+
+class PutSocketService(service.Service):
+    """Listens on the spool's put socket while the client daemon runs.
+
+    :param spool_path: the spool directory (owner-only; the socket is 0600 too).
+    :param add: ``storage.add`` of the daemon's spool.
+    :param run: runs a callable on the daemon's disk thread (a Deferred).
+    :param on_handed: wakes the senders of the destinations of a batch.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        spool_path: str,
+        add: Callable[[str, list[Message]], object],
+        run: Callable[[Callable[[], Outcome]], Deferred[Outcome]],
+        reactor: Any,
+        on_handed: Callable[[list[str]], None],
+        max_payload: int,
+    ) -> None:
+        self.path = socket_path(spool_path)
+        self.reactor = reactor
+        self.commit = GroupCommit(add, run, reactor, on_handed)
+        self.factory = PutFactory(self.commit, max_payload)
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._remove_stale()
+            self.port = self.reactor.listenUNIX(
+                self.path, self.factory, backlog=128, mode=0o600, wantPID=False
+            )
+            # listenUNIX chmods after bind; the spool directory is owner-only,
+            # so no one else could reach the socket in between.
+            os.chmod(self.path, 0o600)
+        except Exception as e:
+            # Producers then write their own batch files: slower, as safe.
+            self.log.warn(
+                "no put socket at {path} ({error}); producers write their own batches",
+                path=self.path,
+                error=str(e),
+            )
+            return
+        self.log.info("accepting puts on {path}", path=self.path)
+
+    def _remove_stale(self) -> None:
+        # The spool's lock says no other daemon runs here, so a socket left
+        # behind is a dead daemon's: nobody answers it.
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise RuntimeError(f"{self.path} exists and is not a socket: remove it")
+        os.unlink(self.path)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        # Stop accepting first (producers fall back to writing themselves),
+        # then finish what was accepted: every caller gets its answer.
+        with_port = port.stopListening()
+        d = Deferred.fromCoroutine(self._finish(with_port))
+        return d
+
+    async def _finish(self, stopped: Any) -> None:
+        if stopped is not None:
+            await stopped
+        await self.commit.idle()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def put_socket_for(
+    spool: Any, pool: Any, reactor: Any, wake: Callable[[list[str]], None]
+) -> PutSocketService:
+    """The put socket of a client daemon's ``spool``, writing on its disk thread ``pool``."""
+    from twisted.internet.threads import deferToThreadPool
+
+    def run(f: Callable[[], Outcome]) -> Deferred[Outcome]:
+        return deferToThreadPool(reactor, pool, f)
+
+    storage = spool.storage
+    return PutSocketService(spool.path, storage.add, run, reactor, wake, storage.max_payload)
