@@ -384,6 +384,11 @@ class PutSocketService(service.Service):
         if stopped is not None:
             await stopped
         await self.commit.idle()
+        self.log.info(
+            "put socket closed: {stored} puts written in {batches} batches",
+            stored=self.commit.stored,
+            batches=self.commit.batches,
+        )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

@@ -77,6 +77,8 @@ class Spool:
         if put_socket and not daemon:
             self._put_client = PutSocketClient(socket_path(self.path), put_timeout)
         self._turn: list[tuple[Message, Deferred[str]]] = []
+        #: Single puts the daemon did not take, written by this process itself.
+        self.written_here = 0
         try:
             self.storage = FilesystemStorage(
                 self.path,
@@ -155,6 +157,7 @@ class Spool:
                 for n in indexes:
                     results[n] = e
             else:
+                self.written_here += len(indexes)
                 for n in indexes:
                     results[n] = messages[n].id
         if left:
