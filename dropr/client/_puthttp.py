@@ -230,7 +230,7 @@ def message_from_request(request: HTTPRequest) -> Message:
 
 def response(status: int, body: dict[str, Any], keep_alive: bool = True) -> bytes:
     """An HTTP/1.1 answer with a JSON body."""
-    payload = json.dumps(body).encode("utf-8") + b"\n"
+    payload = json.dumps(body).encode("utf-8")
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
         "Content-Type: application/json\r\n"
