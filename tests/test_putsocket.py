@@ -185,11 +185,12 @@ def test_puts_of_one_turn_are_one_batch_answered_after_its_write() -> None:
     results = [fired(commit.put(m)) for m in ms]
     assert disk.jobs == []  # nothing before the end of the turn
     clock.advance(0)
-    assert len(disk.jobs) == 1 and handed == [[DEST, "http://other:1/"]]
-    assert results == [[], [], []]  # not answered before the sync
+    assert len(disk.jobs) == 1
+    assert results == [[], [], []] and handed == []  # not before the sync
     disk.finish_one()
     assert disk.adds == [(DEST, [ms[0].id, ms[1].id]), ("http://other:1/", [ms[2].id])]
     assert results == [[None], [None], [None]]
+    assert handed == [[DEST, "http://other:1/"]]  # the senders are woken after it
     assert commit.batches == 1 and commit.stored == 3
 
 
@@ -207,6 +208,27 @@ def test_what_arrives_during_a_write_is_the_next_batch() -> None:
     disk.finish_one()
     assert later == [[None]] * 3
     assert [len(ids) for _d, ids in disk.adds] == [1, 3]
+
+
+def test_with_two_writers_a_second_batch_syncs_beside_the_first() -> None:
+    clock, disk = Clock(), FakeDisk()
+    commit = GroupCommit(disk.add, disk.run, clock, max_writers=2)
+    first = fired(commit.put(message()))
+    clock.advance(0)
+    second = [fired(commit.put(message())) for _ in range(2)]
+    clock.advance(0)
+    assert len(disk.jobs) == 2  # not waiting for the first sync
+    third = fired(commit.put(message()))
+    clock.advance(0)
+    assert len(disk.jobs) == 2  # both writers busy: it waits, and gathers
+    idle = fired(commit.idle())
+    disk.finish_one()
+    assert first == [None] and second == [[], []]
+    assert len(disk.jobs) == 2 and idle == []
+    disk.finish_one()
+    disk.finish_one()
+    assert second == [[None]] * 2 and third == [None] and idle == [None]
+    assert [len(ids) for _d, ids in disk.adds] == [1, 2, 1]
 
 
 def test_a_retried_id_is_written_once() -> None:

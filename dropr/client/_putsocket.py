@@ -24,6 +24,7 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -93,11 +94,17 @@ def write_groups(
 class GroupCommit:
     """Gathers messages into batches and answers each after its batch's sync.
 
-    :param add: stores one destination's messages durably (``storage.add``).
-    :param run: runs a callable on the disk thread, returning a Deferred.
+    Up to ``max_writers`` batches sync at once: a disk serves several
+    flushes in parallel much faster than one after another, so a batch
+    does not wait for the previous one's sync while a writer is free.
+
+    :param add: stores one destination's messages durably (``storage.add``);
+        called on a writer thread.
+    :param run: runs a callable on a writer thread, returning a Deferred.
     :param reactor: for ``callLater(0, ...)``, the end of the current turn.
-    :param on_handed: called with the destinations of a batch as it goes to
-        the disk thread (the daemon wakes their senders then).
+    :param on_written: called with the destinations of a batch once it is
+        durable and its callers are answered (the daemon wakes their
+        senders then).
     """
 
     log = Logger()
@@ -107,18 +114,21 @@ class GroupCommit:
         add: Callable[[str, list[Message]], object],
         run: Callable[[Callable[[], Outcome]], Deferred[Outcome]],
         reactor: Any,
-        on_handed: Callable[[list[str]], None] = lambda destinations: None,
+        on_written: Callable[[list[str]], None] = lambda destinations: None,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        max_writers: int = 1,
     ) -> None:
         self.add = add
         self.run = run
         self.reactor = reactor
-        self.on_handed = on_handed
+        self.on_written = on_written
         self.max_pending_bytes = max_pending_bytes
+        self.max_writers = max_writers
         self._pending: list[tuple[Message, Deferred[None]]] = []
         self._pending_bytes = 0
         self._scheduled = False
-        self._writing: Deferred[None] | None = None
+        self._writing = 0
+        self._idle_waiters: list[Deferred[None]] = []
         #: Batches written and messages stored, for the log and the tests.
         self.batches = 0
         self.stored = 0
@@ -130,27 +140,23 @@ class GroupCommit:
         d: Deferred[None] = Deferred()
         self._pending.append((message, d))
         self._pending_bytes += len(message.payload)
-        if self._writing is None and not self._scheduled:
+        if self._writing < self.max_writers and not self._scheduled:
+            # At the end of this reactor turn: what arrived with it joins.
             self._scheduled = True
             self.reactor.callLater(0, self._write)
         return d
 
     def idle(self) -> Deferred[None]:
         """Fires once nothing waits and nothing is being written."""
-        if self._writing is None and not self._pending:
+        if not self._writing and not self._pending:
             return succeed(None)
         d: Deferred[None] = Deferred()
-        assert self._writing is not None or self._scheduled
-        waiter = self._writing
-        if waiter is None:
-            self.reactor.callLater(0, lambda: self.idle().chainDeferred(d))
-        else:
-            waiter.addBoth(lambda _: self.idle().chainDeferred(d))
+        self._idle_waiters.append(d)
         return d
 
     def _write(self) -> None:
         self._scheduled = False
-        if self._writing is not None or not self._pending:
+        if self._writing >= self.max_writers or not self._pending:
             return
         batch, self._pending, self._pending_bytes = self._pending, [], 0
         groups: dict[str, list[Message]] = {}
@@ -161,13 +167,12 @@ class GroupCommit:
                 seen.add(m.id)
                 assert m.destination is not None
                 groups.setdefault(m.destination, []).append(m)
-        self._writing = done = Deferred[None]()
+        self._writing += 1
         d = self.run(lambda: write_groups(self.add, groups))
-        self.on_handed(list(groups))
         d.addCallbacks(
             self._written, self._write_failed, callbackArgs=(batch,), errbackArgs=(batch,)
         )
-        d.addBoth(lambda _: self._next(done))
+        d.addBoth(lambda _: self._next(list(groups)))
 
     def _written(self, outcome: Outcome, batch: list[tuple[Message, Deferred[None]]]) -> None:
         self.batches += 1
@@ -185,12 +190,19 @@ class GroupCommit:
         for _m, d in batch:
             d.errback(failure)
 
-    def _next(self, done: Deferred[None]) -> None:
-        self._writing = None
-        done.callback(None)
+    def _next(self, destinations: list[str]) -> None:
+        self._writing -= 1
+        try:
+            self.on_written(destinations)
+        except Exception:
+            self.log.failure("waking the senders of {to} failed", to=destinations)
         # What arrived while the batch synced was read meanwhile: write it now.
         if self._pending:
             self._write()
+        elif not self._writing:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
 
 
 def _failed(error: BaseException) -> Deferred[None]:
@@ -316,9 +328,9 @@ class PutSocketService(service.Service):
     """Listens on the spool's put socket while the client daemon runs.
 
     :param spool_path: the spool directory (owner-only; the socket is 0600 too).
-    :param add: ``storage.add`` of the daemon's spool.
-    :param run: runs a callable on the daemon's disk thread (a Deferred).
-    :param on_handed: wakes the senders of the destinations of a batch.
+    :param add: stores one destination's messages durably, on a writer thread.
+    :param run: runs a callable on a writer thread (a Deferred).
+    :param on_written: wakes the senders of the destinations of a batch.
     """
 
     log = Logger()
@@ -329,17 +341,23 @@ class PutSocketService(service.Service):
         add: Callable[[str, list[Message]], object],
         run: Callable[[Callable[[], Outcome]], Deferred[Outcome]],
         reactor: Any,
-        on_handed: Callable[[list[str]], None],
+        on_written: Callable[[list[str]], None],
         max_payload: int,
+        max_writers: int = 1,
     ) -> None:
         self.path = socket_path(spool_path)
         self.reactor = reactor
-        self.commit = GroupCommit(add, run, reactor, on_handed)
+        self.commit = GroupCommit(add, run, reactor, on_written, max_writers=max_writers)
         self.factory = PutFactory(self.commit, max_payload)
         self.port: IListeningPort | None = None
+        #: Called at start (before listening), and once the socket is closed
+        #: and every accepted put answered: the writer threads live between.
+        self.on_start: Callable[[], None] = lambda: None
+        self.on_stopped: Callable[[], None] = lambda: None
 
     def startService(self) -> None:
         super().startService()
+        self.on_start()
         try:
             self._remove_stale()
             self.port = self.reactor.listenUNIX(
@@ -372,35 +390,75 @@ class PutSocketService(service.Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
         # Stop accepting first (producers fall back to writing themselves),
         # then finish what was accepted: every caller gets its answer.
-        with_port = port.stopListening()
-        d = Deferred.fromCoroutine(self._finish(with_port))
-        return d
+        stopped = port.stopListening() if port is not None else None
+        return Deferred.fromCoroutine(self._finish(stopped))
 
     async def _finish(self, stopped: Any) -> None:
         if stopped is not None:
             await stopped
         await self.commit.idle()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.on_stopped()
         self.log.info(
             "put socket closed: {stored} puts written in {batches} batches",
             stored=self.commit.stored,
             batches=self.commit.batches,
         )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+
+
+#: Batches that may sync at once: two overlap one's sync with the next
+#: one's writing; more split the puts into smaller batches (more syncs).
+WRITERS = 2
 
 
 def put_socket_for(
-    spool: Any, pool: Any, reactor: Any, wake: Callable[[list[str]], None]
+    spool: Any, reactor: Any, wake: Callable[[list[str]], None], writers: int = WRITERS
 ) -> PutSocketService:
-    """The put socket of a client daemon's ``spool``, writing on its disk thread ``pool``."""
+    """The put socket of a client daemon's ``spool``.
+
+    Each writer thread stores through a spool object of its own, as a
+    producer process would, so that their syncs overlap.
+    """
     from twisted.internet.threads import deferToThreadPool
+    from twisted.python.threadpool import ThreadPool
+
+    from dropr.storage.files._storage import FilesystemStorage
+
+    template = spool.storage
+    pool = ThreadPool(minthreads=0, maxthreads=writers, name="dropr-put")
+    local = threading.local()
+    opened: list[FilesystemStorage] = []
+    lock = threading.Lock()
+
+    def add(destination: str, messages: list[Message]) -> object:
+        storage = getattr(local, "storage", None)
+        if storage is None:
+            storage = local.storage = FilesystemStorage(
+                spool.path,
+                max_bytes=template.max_bytes,
+                max_messages=template.max_messages,
+                max_payload=template.max_payload,
+                sync_acks=False,
+            )
+            with lock:
+                opened.append(storage)
+        return storage.add(destination, messages)
 
     def run(f: Callable[[], Outcome]) -> Deferred[Outcome]:
         return deferToThreadPool(reactor, pool, f)
 
-    storage = spool.storage
-    return PutSocketService(spool.path, storage.add, run, reactor, wake, storage.max_payload)
+    def stopped() -> None:
+        pool.stop()
+        with lock:
+            for storage in opened:
+                storage.close()
+
+    service = PutSocketService(
+        spool.path, add, run, reactor, wake, template.max_payload, max_writers=writers
+    )
+    service.on_start = pool.start
+    service.on_stopped = stopped
+    return service

@@ -98,7 +98,7 @@ class ClientService(service.MultiService):
         self._rescan.clock = reactor
         self._bad_queues: set[str] = set()
         # Single puts through <spool>/put.sock, written in groups, one sync each.
-        self.put_socket = put_socket_for(spool, self.pool, reactor, self.wake_destinations)
+        self.put_socket = put_socket_for(spool, reactor, self.wake_destinations)
         self.put_socket.setServiceParent(self)
 
     def startService(self) -> None:
@@ -143,8 +143,8 @@ class ClientService(service.MultiService):
             sender.wake(force)
 
     def wake_destinations(self, destinations: list[str]) -> None:
-        """Wake the senders of ``destinations`` (made if new): a batch for them
-        is on the disk thread, so their take runs right behind it."""
+        """Wake the senders of ``destinations`` (made if new): the put
+        socket just wrote a batch for them."""
         for destination in destinations:
             sender = self.senders.get(destination)
             if sender is None:
