@@ -882,7 +882,13 @@ def main() -> int:
         if "rabbitmq" in wanted:
             why = rabbit_available()
             if why is None:
-                rabbit = RabbitSystem(setup)
+                try:
+                    rabbit = RabbitSystem(setup)
+                except RuntimeError:
+                    # A node stopped a moment ago may still hold what a new
+                    # one needs: one more try, with new ports.
+                    time.sleep(10)
+                    rabbit = RabbitSystem(setup)
                 systems.append(rabbit)
             else:
                 skipped["rabbitmq"] = why

@@ -207,7 +207,7 @@ def message_from_request(request: HTTPRequest) -> Message:
         if destination is None:
             raise InvalidMessage(
                 "no destination: give the dropr-server's base URL, e.g. "
-                "destination=http://central:8080/ (URL-encoded)"
+                "destination=https://central.example/ (URL-encoded)"
             )
         validate_destination(destination)
         channel = validate_channel(one("channel") or DEFAULT_CHANNEL)
