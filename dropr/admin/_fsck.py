@@ -52,7 +52,17 @@ TMP_MAX_AGE = 3600.0
 BUCKET_SETTLE = 10.0
 _BUCKET_MS = 1 << 12
 _TMP_RE = re.compile(r".*\.(\d+)\.[0-9a-f]{12}\.tmp\Z")
-_ROOT_ENTRIES = {"lock", "tmp", "queues", "failed", "quarantine", "ids", "notify", "usage"}
+_ROOT_ENTRIES = {
+    "lock",
+    "tmp",
+    "queues",
+    "failed",
+    "quarantine",
+    "ids",
+    "notify",
+    "usage",
+    "put.sock",
+}
 _QUEUE_ENTRIES = {"lock", "wake"}
 _USAGE_TMP_RE = re.compile(r"usage\.(\d+)\.tmp\Z")
 _SLOT_RE = re.compile(r"[0-9a-f]{11}\.ids\Z")
