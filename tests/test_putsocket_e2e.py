@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -127,7 +128,13 @@ def test_put_writes_itself_while_the_daemon_is_down(server: ServerProcess, tmp_p
     with dropr.Spool(spool) as s:
         before = [s.put(b"before:%d" % i, server.url, "orders") for i in range(5)]
         assert s.written_here == 5
-        client = start_client(tmp_path)
+        old_umask = os.umask(0)  # the socket is owner-only whatever the umask
+        try:
+            client = start_client(tmp_path)
+        finally:
+            os.umask(old_umask)
+        mode = os.stat(os.path.join(spool, "put.sock")).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
         try:
             during = [s.put(b"during:%d" % i, server.url, "orders") for i in range(5)]
             assert s.written_here == 5  # through the socket
