@@ -17,6 +17,8 @@ Systems, run in alternating rounds (A B C D, A B C D, ...), with ratios
 computed within each round:
 
 * ``dropr``: this tree.
+* ``dropr-direct``: this tree with ``DROPR_PUT_SOCKET=0``, every ``put()``
+  writing its own batch file as before: what group commit changes (W2, W3).
 * ``baseline``: dropr as of commit 5d1f997, from a git worktree of it with
   its own venv, both made by the setup here (``--baseline-dir``).
 * ``rabbitmq``: Debian's rabbitmq-server (installed by the setup when
@@ -846,7 +848,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", default="W1,W2,W3")
-    parser.add_argument("--systems", default="dropr,baseline,rabbitmq,naive")
+    parser.add_argument("--systems", default="dropr,dropr-direct,baseline,rabbitmq,naive")
     parser.add_argument("--w3-samples", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="small counts, one round")
     parser.add_argument("--dir", default=None, help="where to work (default: a temp dir)")
@@ -876,6 +878,12 @@ def main() -> int:
     try:
         if "dropr" in wanted:
             systems.append(DroprSystem("dropr", sys.executable, REPO))
+        if "dropr-direct" in wanted:
+            # This tree with every put writing its own batch (no put socket):
+            # what group commit itself changes.
+            direct = DroprSystem("dropr-direct", sys.executable, REPO)
+            direct.env["DROPR_PUT_SOCKET"] = "0"
+            systems.append(direct)
         if "baseline" in wanted:
             python, source = baseline_python(args.baseline_dir)
             systems.append(DroprSystem("baseline", python, source))
@@ -913,6 +921,8 @@ def main() -> int:
             for workload in args.workloads.split(","):
                 results: dict[str, Any] = {}
                 for system in systems:
+                    if system.name == "dropr-direct" and workload == "W1":
+                        continue  # put_many never uses the socket: the same as dropr
                     plan = dict(plans[workload])
                     if system.name == "naive" and workload != "W3":
                         plan["count"] = int(plan["count"] * 0.1)

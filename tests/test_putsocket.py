@@ -409,6 +409,16 @@ def test_a_stuck_daemon_times_out_and_the_put_writes_itself(
         assert len(seen) == before
 
 
+def test_dropr_put_socket_0_keeps_puts_off_the_socket(
+    mute_daemon: tuple[Path, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, seen = mute_daemon
+    monkeypatch.setenv("DROPR_PUT_SOCKET", "0")
+    with dropr.Spool(str(spool), put_timeout=5) as s:
+        s.put(b"x", DEST)
+        assert seen == [] and s.written_here == 1
+
+
 def test_the_client_reads_answers_and_keeps_its_connection(tmp_path: Path) -> None:
     path = str(tmp_path / "s.sock")
     server = socket.socket(socket.AF_UNIX)

@@ -57,7 +57,8 @@ class Spool:
     :param put_socket: hand single puts to the client daemon's socket
         (``put.sock`` in the spool) when it answers, so that concurrent
         puts share one sync; else, or when it does not answer within
-        ``put_timeout`` seconds, write the batch file here.
+        ``put_timeout`` seconds, write the batch file here.  By default
+        on, unless ``$DROPR_PUT_SOCKET`` is ``0``.
     """
 
     def __init__(
@@ -69,11 +70,13 @@ class Spool:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         lease: float = 300.0,
         daemon: bool = False,
-        put_socket: bool = True,
+        put_socket: bool | None = None,
         put_timeout: float = 5.0,
     ) -> None:
         self.path = os.path.abspath(path or default_spool_path())
         self._put_client: PutSocketClient | None = None
+        if put_socket is None:
+            put_socket = os.environ.get("DROPR_PUT_SOCKET", "1") != "0"
         if put_socket and not daemon:
             self._put_client = PutSocketClient(socket_path(self.path), put_timeout)
         self._turn: list[tuple[Message, Deferred[str]]] = []
