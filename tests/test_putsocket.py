@@ -314,6 +314,16 @@ def test_pipelined_puts_are_answered_in_order_after_the_sync() -> None:
     assert not transport.disconnecting
 
 
+def test_puts_arriving_while_the_daemon_stops_are_turned_away() -> None:
+    clock, disk = Clock(), FakeDisk()
+    proto, transport = connection(disk, clock)
+    proto.factory.stopping = True
+    proto.dataReceived(post(f"destination={QDEST}"))
+    [(status, body)] = answers(transport.value())
+    assert status == 503 and "stopping" in body["error"]
+    assert transport.disconnecting and disk.jobs == []
+
+
 def test_a_full_spool_is_507_and_an_unreadable_request_closes() -> None:
     clock, disk = Clock(), FakeDisk()
     disk.fail_with = StorageFull("the spool is full; retry later")

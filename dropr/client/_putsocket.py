@@ -271,7 +271,14 @@ class PutProtocol(protocol.Protocol):
         slot: list[bytes | None] = [None]
         self._answers.append(slot)
         keep_alive = request.keep_alive
-        if request.method == "GET":
+        if self.factory.stopping and request.method != "GET":
+            # The daemon is stopping: no new work, so the stop cannot be held
+            # up by producers that keep putting; they write themselves.
+            slot[0] = response(
+                503, {"error": "dropr-client is stopping; write the batch yourself or retry"}, False
+            )
+            self._closing = True
+        elif request.method == "GET":
             body = {"service": "dropr-client put socket", "usage": USAGE}
             slot[0] = response(200, body, keep_alive)
         else:
@@ -319,6 +326,8 @@ class PutFactory(protocol.Factory):
         self.commit = commit
         self.max_payload = max_payload
         self.connections = 0
+        #: Set at the daemon's stop: puts still arriving are answered 503.
+        self.stopping = False
 
     def buildProtocol(self, addr: Any) -> PutProtocol:
         return PutProtocol(self)
@@ -389,6 +398,7 @@ class PutSocketService(service.Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        self.factory.stopping = True
         port, self.port = self.port, None
         # Stop accepting first (producers fall back to writing themselves),
         # then finish what was accepted: every caller gets its answer.
