@@ -1,4 +1,10 @@
-"""The exceptions dropr raises.  Every message says what to do about it."""
+"""The exceptions dropr raises.  Every message says what to do about it.
+
+Every exception a user of dropr can see derives from :class:`DroprError`,
+so ``except dropr.DroprError`` catches all of them.  Some also derive from
+the built-in exception their callers used to catch (``ValueError``,
+``KeyError``), so older code keeps working.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +30,29 @@ class StorageFull(DroprError):
     """
 
 
+class StorageIOError(DroprError):
+    """The disk under a spool or store failed (an I/O error other than a full disk).
+
+    The call that raised it did not complete; everything it acknowledged
+    before is kept.  Check the disk (``dmesg``), then retry; ``dropr fsck``
+    checks the directory.
+    """
+
+
 class StorageLocked(DroprError):
     """Another process holds the exclusive lock of a spool or store."""
+
+
+class StoreNotFound(DroprError, FileNotFoundError):
+    """No spool or store where one was named: check the path or spec."""
+
+
+class StorageClosed(DroprError, ValueError):
+    """A spool or store was used after ``close()``: open it again."""
+
+
+class UnsupportedByStore(DroprError):
+    """The store at hand cannot do what was asked (a file-system-only repair, say)."""
 
 
 class UnknownMessage(DroprError, KeyError):
@@ -33,7 +60,3 @@ class UnknownMessage(DroprError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0]) if self.args else "unknown message"
-
-
-class CorruptFile(DroprError):
-    """A file in a spool or store cannot be read; it gets quarantined."""

@@ -27,7 +27,7 @@ from dropr.client._putclient import PutSocketClient, Refused, Stored
 from dropr.client._putsocket import socket_path
 from dropr.errors import InvalidMessage, StorageFull
 from dropr.interfaces import QueueStats
-from dropr.storage.files._storage import FilesystemStorage
+from dropr.storage import FilesystemStorage
 
 #: Where ``put()`` spools when neither its argument nor ``$DROPR_SPOOL`` says.
 DEFAULT_SPOOL = "/var/spool/dropr"

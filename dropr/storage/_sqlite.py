@@ -14,6 +14,8 @@ claim the same message.
 
 Schema::
 
+    channels   every queue holding messages, with their number (triggers);
+               drained ones are removed by ``upkeep``
     messages   waiting and taken messages; ``seq`` is the insertion order,
                ``lease_until`` (ms) > now means claimed by ``claim``
     failed     failed messages with their reason
@@ -24,21 +26,41 @@ Schema::
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from dropr._ids import id_millis, id_time
 from dropr._message import DEFAULT_MAX_PAYLOAD, Message
-from dropr.errors import DroprError, InvalidMessage, StorageFull, StorageLocked, UnknownMessage
-from dropr.interfaces import IStorage, QueueStats
+from dropr.errors import (
+    DroprError,
+    InvalidMessage,
+    StorageClosed,
+    StorageFull,
+    StorageIOError,
+    StorageLocked,
+)
+from dropr.interfaces import (
+    FailedMessage,
+    IMessageAdmin,
+    IReceivingStore,
+    IStorage,
+    IUsage,
+    OpenMessage,
+    QueueStats,
+)
+from dropr.storage._adapt import NothingLeftBehind
+from dropr.storage._receipts import own_receipts
 from dropr.storage.files._durable import fsync_dir
 from dropr.storage.files._storage import validate_queue
 
@@ -85,6 +107,22 @@ END;
 CREATE TRIGGER IF NOT EXISTS messages_removed AFTER DELETE ON messages BEGIN
     UPDATE totals SET count = count - 1, bytes = bytes - OLD.size WHERE k = 0;
 END;
+CREATE TABLE IF NOT EXISTS channels (
+    queue TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS channel_added AFTER INSERT ON messages BEGIN
+    INSERT INTO channels (queue, count) VALUES (NEW.queue, 1)
+        ON CONFLICT (queue) DO UPDATE SET count = count + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS channel_drained AFTER DELETE ON messages BEGIN
+    UPDATE channels SET count = count - 1 WHERE queue = OLD.queue;
+END;
+"""
+#: A database made before the channels table: count its channels once.
+_FILL_CHANNELS = """
+INSERT OR IGNORE INTO channels (queue, count)
+    SELECT queue, COUNT(*) FROM messages GROUP BY queue;
 """
 
 #: Seconds between two prunes of the dedup index; pruning is a range delete
@@ -92,6 +130,24 @@ END;
 _PRUNE_EVERY = 60.0
 #: SQLite limits the number of ``?`` in one statement; stay well below.
 _CHUNK = 500
+
+
+def _disk_error(path: str, e: BaseException) -> BaseException:
+    """A full disk or an I/O error from SQLite as dropr's error; anything else as it is."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if not isinstance(e, sqlite3.Error) or code is None:
+        return e
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return StorageFull(
+            f"{path} is full: its disk has no room ({e}); nothing was stored. "
+            "Retry once there is room again"
+        )
+    if code & 0xFF == sqlite3.SQLITE_IOERR:
+        return StorageIOError(
+            f"{path}: the disk failed ({e}); the call did not complete, what it "
+            "acknowledged before is kept. Check the disk (dmesg), then retry"
+        )
+    return e
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +164,12 @@ def _chunks(items: Sequence[int]) -> Iterator[Sequence[int]]:
         yield items[i : i + _CHUNK]
 
 
-@implementer(IStorage)
-class SQLiteStorage:
+#: A claim is this object's owner number, shifted, plus a count of its takes.
+_CLAIM_BITS = 24
+
+
+@implementer(IStorage, IUsage, IReceivingStore, IMessageAdmin)
+class SQLiteStorage(NothingLeftBehind):
     """Durable queues in one SQLite database (WAL mode); see the module docstring.
 
     :param path: the database file, created if missing.
@@ -131,6 +191,8 @@ class SQLiteStorage:
     :param timeout: seconds to wait for another process's write lock.
     :param clock: the time, in seconds since the epoch (tests pass a fake).
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -159,6 +221,11 @@ class SQLiteStorage:
         # Receipts point at this object, not at id(self): an id can be reused
         # by a later storage once this one is gone.
         self._token = object()
+        # Claims carry the owner, so a listing can tell whose lease a row is.
+        self._owner_number = int.from_bytes(os.urandom(4), "big")
+        #: The lease owner of this object's takes (IMessageAdmin).
+        self.owner = f"{self._owner_number:08x}"
+        self._takes = 0
         self._mutex = threading.RLock()
         self._closed = False
         self._lock_fd = -1
@@ -186,7 +253,11 @@ class SQLiteStorage:
             self._set_synchronous("FULL")
             # One transaction, so two processes opening a new file at once
             # do not both try to create the schema.
-            self._db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+            fresh = not self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'channels'"
+            ).fetchone()
+            fill = _FILL_CHANNELS if fresh else ""
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{fill}\nCOMMIT;")
             # The database (and WAL) file may be new: make their directory
             # entries durable too, or a power loss could lose the whole file.
             fsync_dir(os.path.dirname(self.path))
@@ -244,7 +315,7 @@ class SQLiteStorage:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError(f"storage {self.path} is closed")
+            raise StorageClosed(f"storage {self.path} is closed: open it again")
 
     def _set_synchronous(self, level: str) -> None:
         # A per-connection setting that SQLite reads at each commit; it can
@@ -266,64 +337,116 @@ class SQLiteStorage:
         try:
             yield db
             db.execute("COMMIT")
-        except BaseException:
+        except BaseException as e:
             # SQLite rolls back by itself after some errors (disk full, I/O).
             if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            translated = _disk_error(self.path, e)
+            if translated is e:
+                raise
+            raise translated from e
 
     # -- adding ------------------------------------------------------------------
 
-    # IStorage types messages as ``object``; the methods here take and give
-    # ``Message`` like FilesystemStorage's, hence the ``override`` ignores.
-
     def add(self, queue: str, messages: Sequence[Message]) -> list[str]:
         """Store ``messages`` in ``queue``, durably; see ``IStorage.add``."""
-        validate_queue(queue)
-        messages = list(messages)
-        for m in messages:
-            m.validate(self.max_payload)
+        return self.store([(queue, messages)])
+
+    def store(
+        self,
+        batches: Sequence[tuple[str, Sequence[Message]]],
+        records: Mapping[str, bytes] | None = None,
+    ) -> list[str]:
+        """Store ``(queue, messages)`` pairs in one transaction: all or nothing.
+
+        See ``IReceivingStore.store``; ``records`` are not needed here (the
+        messages are rows, not framed records).
+        """
+        groups = [(validate_queue(queue), list(messages)) for queue, messages in batches]
+        for _queue, group in groups:
+            for m in group:
+                m.validate(self.max_payload)
         with self._mutex:
             self._check_open()
             now = self._clock()
             if self.dedup:
-                self._refuse_too_old(messages, now)
-            if not messages:
+                for _queue, group in groups:
+                    self._refuse_too_old(group, now)
+            if not any(group for _queue, group in groups):
                 return []
             with self._transaction(sync=True) as db:
                 if self.dedup:
                     self._maybe_prune(db, now)
-                    new = []
-                    for m in messages:
-                        cur = db.execute(
-                            "INSERT OR IGNORE INTO seen (id, ms) VALUES (?, ?)",
-                            (bytes.fromhex(m.id), id_millis(m.id)),
+                rows = []
+                for queue, group in groups:
+                    for m in group:
+                        if self.dedup:
+                            cur = db.execute(
+                                "INSERT OR IGNORE INTO seen (id, ms) VALUES (?, ?)",
+                                (bytes.fromhex(m.id), id_millis(m.id)),
+                            )
+                            if not cur.rowcount:
+                                continue
+                        rows.append(
+                            (
+                                queue,
+                                m.id,
+                                m.priority,
+                                m.channel,
+                                m.destination,
+                                len(m.payload),
+                                m.payload,
+                            )
                         )
-                        if cur.rowcount:
-                            new.append(m)
-                else:
-                    new = messages
-                if not new:
+                if not rows:
                     return []
                 # Raising here rolls back the ids recorded above as well.
-                self._check_limits(db, len(new), sum(len(m.payload) for m in new))
+                self._check_limits(db, len(rows), sum(row[5] for row in rows))
                 db.executemany(
                     "INSERT INTO messages (queue, id, priority, channel, destination, "
                     "size, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            queue,
-                            m.id,
-                            m.priority,
-                            m.channel,
-                            m.destination,
-                            len(m.payload),
-                            m.payload,
-                        )
-                        for m in new
-                    ],
+                    rows,
                 )
-            return [m.id for m in new]
+            return [row[1] for row in rows]
+
+    # -- what dropr-server needs (IReceivingStore) -------------------------------
+
+    def oldest_accepted_id(self) -> str:
+        """Ids sorting below this are older than the dedup window; see IReceivingStore."""
+        if not self.dedup:
+            return ""
+        return f"{max(0, int((self._clock() - self.dedup_window) * 1000)):012x}"
+
+    def channel_count(self) -> int:
+        """Channels that hold messages (kept by triggers: no scan of the messages)."""
+        with self._mutex:
+            self._check_open()
+            (count,) = self._db.execute("SELECT COUNT(*) FROM channels").fetchone()
+        return int(count)
+
+    def usage(self) -> tuple[int, int]:
+        """``(messages, payload bytes)`` waiting, from the running totals."""
+        with self._mutex:
+            self._check_open()
+            count, nbytes = self._db.execute(
+                "SELECT count, bytes FROM totals WHERE k = 0"
+            ).fetchone()
+        return int(count), int(nbytes)
+
+    def upkeep(self) -> None:
+        """Prune ids older than the window and forget drained channels."""
+        with self._mutex:
+            if self._closed:
+                return
+            try:
+                with self._transaction(sync=False) as db:
+                    if self.dedup:
+                        self._maybe_prune(db, self._clock())
+                    db.execute("DELETE FROM channels WHERE count <= 0")
+            except sqlite3.OperationalError as e:
+                # A full disk or a busy database: the next round tries again.
+                self.log.warn("store upkeep waits: {error}", error=str(e))
 
     def _refuse_too_old(self, messages: Sequence[Message], now: float) -> None:
         # An id older than the window may have been stored and forgotten since;
@@ -364,7 +487,7 @@ class SQLiteStorage:
 
     # -- taking and settling ------------------------------------------------------------
 
-    def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:  # type: ignore[override]
+    def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:
         """Claim up to ``limit`` messages of ``queue``; see ``IStorage.take``."""
         validate_queue(queue)
         if limit < 1:
@@ -375,7 +498,8 @@ class SQLiteStorage:
             now_ms = int(self._clock() * 1000)
             expiry = now_ms + int(lease_s * 1000)
             # Tells this claim from a later one of the same row (see release).
-            claim = int.from_bytes(os.urandom(7), "big")
+            self._takes = (self._takes + 1) % (1 << _CLAIM_BITS)
+            claim = (self._owner_number << _CLAIM_BITS) | self._takes
             # Not synced: a take lost to a power loss only frees the message.
             with self._transaction(sync=False) as db:
                 rows = db.execute(
@@ -403,18 +527,9 @@ class SQLiteStorage:
 
     def _receipts(self, messages: Iterable[Message]) -> list[_Receipt]:
         """The receipts of ``messages``; raise before any change if one is foreign."""
-        receipts = []
-        for m in messages:
-            r = m.receipt
-            if not isinstance(r, _Receipt) or r.storage is not self._token:
-                raise UnknownMessage(
-                    f"message {m.id} was not taken from this storage: ack, release "
-                    "and fail the Message objects that take() returned"
-                )
-            receipts.append(r)
-        return receipts
+        return own_receipts(messages, _Receipt, self._token)
 
-    def ack(self, messages: Iterable[Message]) -> None:  # type: ignore[override]
+    def ack(self, messages: Iterable[Message]) -> None:
         """Forget taken ``messages``; durable on return when ``sync_acks``.
 
         Acking a message twice, or one whose lease ran out and that someone
@@ -426,7 +541,7 @@ class SQLiteStorage:
             with self._transaction(sync=self.sync_acks) as db:
                 db.executemany("DELETE FROM messages WHERE seq = ?", [(r.seq,) for r in receipts])
 
-    def release(self, messages: Iterable[Message]) -> None:  # type: ignore[override]
+    def release(self, messages: Iterable[Message]) -> None:
         """Hand taken ``messages`` out again (no sync: a lost release only delays)."""
         receipts = self._receipts(messages)
         with self._mutex:
@@ -440,7 +555,7 @@ class SQLiteStorage:
                     [(r.seq, r.claim) for r in receipts],
                 )
 
-    def fail(self, messages: Iterable[Message], reason: str) -> None:  # type: ignore[override]
+    def fail(self, messages: Iterable[Message], reason: str) -> None:
         """Move taken ``messages`` to the failed area with ``reason``, durably."""
         if not isinstance(reason, str) or not reason:
             raise InvalidMessage("fail() needs a reason: a short text saying what went wrong")
@@ -496,7 +611,7 @@ class SQLiteStorage:
             result[queue] = QueueStats(0, 0, 0.0, 0, count)
         return dict(sorted(result.items()))
 
-    def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:  # type: ignore[override]
+    def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:
         """Up to ``limit`` failed messages of ``queue`` with their reasons, oldest first."""
         validate_queue(queue)
         with self._mutex:
@@ -519,3 +634,74 @@ class SQLiteStorage:
             )
             for msg_id, priority, channel, destination, payload, reason in rows
         ]
+
+    # -- IMessageAdmin: for the dropr command ---------------------------------------------
+
+    def _read(self, sql: str, queue: str) -> list[tuple[Any, ...]]:
+        """The rows ``sql`` selects for ``queue`` (its one parameter)."""
+        validate_queue(queue)
+        with self._mutex:
+            self._check_open()
+            return self._db.execute(sql, (queue,)).fetchall()
+
+    def open_messages(self, queue: str, since: float = 0.0) -> Iterator[OpenMessage]:
+        """Waiting and taken messages of ``queue``, in delivery order."""
+        rows = self._read(
+            "SELECT seq, id, priority, channel, destination, payload, lease_until, claim "
+            "FROM messages WHERE queue = ? ORDER BY priority, seq",
+            queue,
+        )
+        for seq, msg_id, priority, channel, destination, payload, until, claim in rows:
+            receipt = _Receipt(self._token, seq, claim)
+            message = Message(msg_id, bytes(payload), channel, priority, destination, receipt)
+            taken = claim is not None
+            yield OpenMessage(
+                message,
+                queue,
+                until / 1000.0 if taken else None,
+                f"{claim >> _CLAIM_BITS:08x}" if taken else None,
+                f"messages row {seq}",
+            )
+
+    def failed_messages(self, queue: str) -> Iterator[FailedMessage]:
+        """The failed area of ``queue``, oldest failure first."""
+        rows = self._read(
+            "SELECT seq, id, priority, channel, destination, payload, reason, failed_at "
+            "FROM failed WHERE queue = ? ORDER BY seq",
+            queue,
+        )
+        for seq, msg_id, priority, channel, destination, payload, reason, failed_at in rows:
+            message = Message(msg_id, bytes(payload), channel, priority, destination)
+            yield FailedMessage(message, queue, reason, failed_at, f"failed row {seq}")
+
+    def _move_failed(self, queue: str, ids: Collection[str], requeue: bool) -> list[str]:
+        validate_queue(queue)
+        wanted = sorted(set(ids))
+        moved: list[str] = []
+        with self._mutex:
+            self._check_open()
+            # One transaction: a message is in its queue or in the failed area.
+            with self._transaction(sync=True) as db:
+                for i in range(0, len(wanted), _CHUNK):
+                    chunk = wanted[i : i + _CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    where = f"FROM failed WHERE queue = ? AND id IN ({marks})"
+                    found = db.execute(f"SELECT DISTINCT id {where}", (queue, *chunk)).fetchall()
+                    if requeue:
+                        db.execute(
+                            "INSERT INTO messages (queue, id, priority, channel, destination, "
+                            "size, payload) SELECT queue, id, priority, channel, destination, "
+                            f"length(payload), payload {where} ORDER BY seq",
+                            (queue, *chunk),
+                        )
+                    db.execute(f"DELETE {where}", (queue, *chunk))
+                    moved.extend(row[0] for row in found)
+        return moved
+
+    def requeue_failed(self, queue: str, ids: Collection[str]) -> list[str]:
+        """Move failed messages back behind what waits in ``queue``, in one transaction."""
+        return self._move_failed(queue, ids, requeue=True)
+
+    def purge_failed(self, queue: str, ids: Collection[str]) -> list[str]:
+        """Delete failed messages for good."""
+        return self._move_failed(queue, ids, requeue=False)
