@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from dropr._message import Message
+from dropr.errors import DroprError
 
 #: After a timeout, the socket is left alone for this many seconds (the
 #: daemon is alive but stuck: producers write themselves meanwhile).
@@ -50,8 +51,8 @@ Answer = Stored | Refused | None
 STORED = Stored()
 
 
-class _NoAnswer(Exception):
-    pass
+class _NoAnswer(DroprError):
+    """The daemon did not answer (the caller writes the message itself)."""
 
 
 def encode_request(message: Message) -> bytes:

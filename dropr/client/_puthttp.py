@@ -29,7 +29,7 @@ from dropr._message import (
     validate_destination,
     validate_priority,
 )
-from dropr.errors import InvalidMessage
+from dropr.errors import DroprError, InvalidMessage
 
 #: The most bytes of a request line and its headers.
 MAX_HEAD = 16 * 1024
@@ -71,7 +71,7 @@ class ContinueNeeded:
 
 
 @dataclass(slots=True)
-class HTTPError(Exception):
+class HTTPError(DroprError):
     """A request that cannot be read; answered, then the connection closes."""
 
     status: int

@@ -435,27 +435,27 @@ def put_socket_for(
     from twisted.internet.threads import deferToThreadPool
     from twisted.python.threadpool import ThreadPool
 
-    from dropr.storage.files._storage import FilesystemStorage
+    from dropr.client._spool import Spool
 
     template = spool.storage
     pool = ThreadPool(minthreads=0, maxthreads=writers, name="dropr-put")
     local = threading.local()
-    opened: list[FilesystemStorage] = []
+    opened: list[Spool] = []
     lock = threading.Lock()
 
     def add(destination: str, messages: list[Message]) -> object:
-        storage = getattr(local, "storage", None)
-        if storage is None:
-            storage = local.storage = FilesystemStorage(
+        mine = getattr(local, "spool", None)
+        if mine is None:
+            mine = local.spool = Spool(
                 spool.path,
                 max_bytes=template.max_bytes,
                 max_messages=template.max_messages,
                 max_payload=template.max_payload,
-                sync_acks=False,
+                put_socket=False,
             )
             with lock:
-                opened.append(storage)
-        return storage.add(destination, messages)
+                opened.append(mine)
+        return mine.storage.add(destination, messages)
 
     def run(f: Callable[[], Outcome]) -> Deferred[Outcome]:
         return deferToThreadPool(reactor, pool, f)
@@ -463,8 +463,8 @@ def put_socket_for(
     def stopped() -> None:
         pool.stop()
         with lock:
-            for storage in opened:
-                storage.close()
+            for mine in opened:
+                mine.close()
 
     service = PutSocketService(
         spool.path, add, run, reactor, wake, template.max_payload, max_writers=writers

@@ -229,7 +229,7 @@ class Spool:
         if not self._turn:
             from twisted.internet import reactor
 
-            reactor.callLater(0, self._put_turn)  # type: ignore[attr-defined]
+            reactor.callLater(0, self._put_turn)
         self._turn.append((message, d))
         return d
 
