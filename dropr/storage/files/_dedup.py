@@ -79,14 +79,6 @@ class DedupIndex:
         except (OSError, ValueError):
             return 0
 
-    def too_old(self, message_id: str) -> bool:
-        """True when ``message_id`` is older than the window.
-
-        Such an id may have been stored and forgotten, so a store must not
-        accept it (it could store it twice); the sender fails it instead.
-        """
-        return message_id < self.oldest_id_prefix()
-
     def oldest_id_prefix(self) -> str:
         """Ids that sort below this string are older than the window.
 

@@ -31,7 +31,10 @@ class Receipt(NamedTuple):
     hands out the cached objects themselves.
     """
 
-    storage: int
+    #: A token object of the storage that read it (never ``id(storage)``:
+    #: an id is reused once an object is gone, and a stale receipt must not
+    #: match a later storage).
+    storage: object
     queue: str
     bucket: str
     batch_id: str
@@ -43,7 +46,7 @@ class BatchReader:
 
     log = Logger()
 
-    def __init__(self, layout: Layout, disk: Disk, token: int) -> None:
+    def __init__(self, layout: Layout, disk: Disk, token: object) -> None:
         self.layout = layout
         self.disk = disk
         #: The ``storage`` of every receipt this reader makes.

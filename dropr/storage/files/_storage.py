@@ -157,7 +157,7 @@ class FilesystemStorage:
         #: Written with every lease, so an exclusive owner can tell its own.
         self.owner = os.urandom(6).hex()
         self._listing = DirListing(disk)
-        self._reader = BatchReader(self.layout, disk, id(self))
+        self._reader = BatchReader(self.layout, disk, object())
         self._views = QueueViews(disk, self.layout.queue_dir, self._reader.cache.drop_bucket)
         # Looked up at each call, so tests can date batches by patching new_id here.
         self._writer = BatchWriter(self.layout, disk, lambda: new_id())

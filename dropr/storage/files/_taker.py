@@ -180,7 +180,7 @@ class Taker:
 
     def receipt(self, m: Message) -> Receipt:
         r = m.receipt
-        if not isinstance(r, Receipt) or r.storage != self.reader.token:
+        if not isinstance(r, Receipt) or r.storage is not self.reader.token:
             raise UnknownMessage(
                 f"message {m.id} was not taken from this storage: ack, release "
                 "and fail the Message objects that take() returned"
