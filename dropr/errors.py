@@ -24,6 +24,15 @@ class StorageFull(DroprError):
     """
 
 
+class StorageUnavailable(DroprError):
+    """The store's database cannot be reached (down, restarting, unreachable).
+
+    Retry once the database is back: a store is idempotent by id, so a call
+    whose commit was cut off is never stored twice by its retry.
+    dropr-server answers 503 meanwhile, and clients retry by themselves.
+    """
+
+
 class StorageLocked(DroprError):
     """Another process holds the exclusive lock of a spool or store."""
 

@@ -1,0 +1,612 @@
+"""A store in PostgreSQL, shared by several dropr-servers and consumers on any host.
+
+Exactly once rests on one transaction per request: the ids go into the dedup
+table ``seen`` (``INSERT … ON CONFLICT DO NOTHING RETURNING``), only the ids
+it returned go into ``messages``, the limits are checked, and the commit
+(WAL flushed, on a synchronous standby too where one is configured) is the
+moment the server may answer "stored".  A resend that reaches another server
+finds its ids in ``seen`` and stores nothing.
+
+Consumers claim with ``SELECT … FOR UPDATE SKIP LOCKED`` in delivery order
+(``ORDER BY priority, seq``) and write a lease (``lease_until``, in ms of the
+storage's clock) and a claim token; the token is their receipt, so a release
+after the lease ran out and someone else took the message frees nothing.
+
+Every call runs its blocking work on a connection from a pool (sized to the
+caller's thread pool); a database that cannot be reached raises
+``StorageUnavailable``, which dropr-server answers with 503.  The layout is
+in ``_pgschema`` and docs/storages.rst.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+from zope.interface import implementer
+
+from dropr._ids import id_millis, id_time
+from dropr._message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
+from dropr.errors import InvalidMessage, StorageFull, StorageUnavailable, UnknownMessage
+from dropr.interfaces import IReceivingStore, IStorage, IUsage, IWakeSource, QueueStats
+from dropr.storage import _pgschema as schema_
+from dropr.storage._pgwatch import Watcher
+from dropr.storage._spec import redact
+from dropr.storage.files._storage import validate_queue
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+#: Seconds between two looks at the partitions of the dedup table in upkeep.
+_PARTITIONS_EVERY = 60.0
+#: Days kept beyond the window before a partition is dropped: servers whose
+#: clocks differ by less than this never drop a day another still accepts.
+_PRUNE_MARGIN_DAYS = 1
+#: Tries of a transaction that PostgreSQL rolled back for a conflict.
+_TRIES = 3
+
+_SELECT_QUEUES = """
+WITH RECURSIVE q AS (
+    (SELECT queue FROM {table} ORDER BY queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.queue FROM {table} t WHERE t.queue > q.queue ORDER BY t.queue LIMIT 1)
+    FROM q WHERE q.queue IS NOT NULL
+)
+SELECT queue FROM q WHERE queue IS NOT NULL
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Receipt:
+    """Which row a taken message is, and which claim handed it out."""
+
+    storage: object
+    seq: int
+    claim: int
+
+
+def _uuid(message_id: str) -> uuid.UUID:
+    return uuid.UUID(hex=message_id)
+
+
+@implementer(IStorage, IUsage, IReceivingStore, IWakeSource)
+class PostgresStorage:
+    """Durable queues in a PostgreSQL database; see the module docstring.
+
+    :param spec: a libpq URL (``postgresql://user@host:port/dbname``);
+        the password may be in it, in a service file or in ``PGPASSFILE``.
+    :param schema: the schema holding this store's tables (created if missing).
+    :param pool_size: connections kept at most; give the size of the thread
+        pool that calls this storage.
+    :param connect_timeout: seconds to wait for a connection before raising
+        ``StorageUnavailable``.
+    :param notify: send a ``NOTIFY`` after each add, for ``watch``.
+    The other keywords mean what they mean for the other storages:
+    ``max_bytes``, ``max_messages`` (checked against running totals, so
+    servers adding at the same instant may pass them by one request each),
+    ``max_payload``, ``lease``, ``sync_acks``, ``dedup``, ``dedup_window``
+    and ``clock``.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        schema: str = "dropr",
+        pool_size: int = 10,
+        connect_timeout: float = 5.0,
+        max_bytes: int | None = None,
+        max_messages: int | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        lease: float = 60.0,
+        sync_acks: bool = True,
+        dedup: bool = True,
+        dedup_window: float = 7 * 86400.0,
+        notify: bool = True,
+        clock: Callable[[], float] = time.time,
+        **ignored: object,
+    ) -> None:
+        # ``exclusive`` and ``sole_taker`` mean nothing here: many servers and
+        # consumers share a database by design.
+        ignored.pop("exclusive", None)
+        ignored.pop("sole_taker", None)
+        if ignored:
+            raise TypeError(f"PostgresStorage got unknown options {sorted(ignored)}")
+        self.spec = spec
+        self.where = redact(spec)
+        self.schema = schema_.validate_schema(schema)
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        self.max_payload = max_payload
+        self.default_lease = lease
+        self.sync_acks = sync_acks
+        self.dedup = dedup
+        self._window = dedup_window
+        self.notify = notify
+        self._clock = clock
+        # Receipts point at this object, never at id(self), which a later
+        # storage may reuse.
+        self._token = object()
+        self._closed = False
+        self._days: set[int] = set()
+        self._days_checked = float("-inf")
+        self._watchers: list[Watcher] = []
+        self._notify_channel = f"dropr_{self.schema}"
+        ident = sql.Identifier(self.schema)
+
+        def configure(conn: Conn) -> None:
+            conn.execute(sql.SQL("SET search_path TO {}").format(ident))
+            conn.commit()
+
+        self._pool: ConnectionPool[Conn] = ConnectionPool(
+            spec,
+            min_size=1,
+            max_size=max(1, pool_size),
+            kwargs={"connect_timeout": max(1, round(connect_timeout)), "application_name": "dropr"},
+            configure=configure,
+            timeout=connect_timeout,
+            reconnect_timeout=float("inf"),
+            name=f"dropr-{self.schema}",
+            open=False,
+        )
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+            with self._transaction() as conn:
+                schema_.migrate(conn, self.schema)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # -- connections and transactions ---------------------------------------------------
+
+    def _unavailable(self, e: BaseException) -> StorageUnavailable:
+        text = str(e).strip() or type(e).__name__
+        password = psycopg.conninfo.conninfo_to_dict(self.spec).get("password")
+        if password:
+            text = text.replace(str(password), "***")
+        return StorageUnavailable(
+            f"PostgreSQL store {self.where} is unavailable ({text}): retry once "
+            "the database is back (a retried store never stores twice)"
+        )
+
+    @contextmanager
+    def _transaction(self, sync: bool = True) -> Iterator[Conn]:
+        """One transaction on a pooled connection, committed on leaving.
+
+        ``sync=False`` commits without waiting for the WAL flush: for changes
+        whose loss only hands a message out again (take, release).
+        """
+        if self._closed:
+            raise ValueError(f"storage {self.where} is closed")
+        try:
+            with self._pool.connection() as conn:
+                if not sync:
+                    conn.execute("SET LOCAL synchronous_commit = off")
+                yield conn
+        except psycopg.errors.DiskFull as e:
+            raise StorageFull(
+                f"PostgreSQL store {self.where} has no disk space left ({e}); nothing "
+                "was stored. Free space on the database host"
+            ) from None
+        except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
+            raise
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            raise self._unavailable(e) from None
+
+    def _run(self, work: Callable[[Conn], Any], sync: bool = True) -> Any:
+        """``work`` in a transaction, tried again when a conflict rolled it back.
+
+        A connection that broke while idle in the pool (the database
+        restarted) is tried again once too: nothing of ``work`` reached it.
+        """
+        for attempt in range(_TRIES):
+            try:
+                with self._transaction(sync) as conn:
+                    return work(conn)
+            except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
+                if attempt == _TRIES - 1:
+                    raise
+            except StorageUnavailable:
+                if attempt > 0 or self._closed:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Stop watches and close the pool; the storage is unusable afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._watchers:
+            w.stop()
+        self._pool.close()
+
+    def __enter__(self) -> PostgresStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- adding ------------------------------------------------------------------
+
+    def add(self, queue: str, messages: Sequence[Message]) -> list[str]:
+        """Store ``messages`` in ``queue`` in one transaction; see ``IStorage.add``."""
+        return self.store([(queue, messages)])
+
+    def store(
+        self,
+        batches: Sequence[tuple[str, Sequence[Message]]],
+        records: Mapping[str, bytes] | None = None,
+    ) -> list[str]:
+        """Store one request's messages, every channel in one transaction."""
+        lists = [(validate_queue(q), list(ms)) for q, ms in batches]
+        for _, messages in lists:
+            validate_messages(messages, self.max_payload)
+        every = [m for _, ms in lists for m in ms]
+        if self.dedup:
+            self._refuse_too_old(every)
+            self._ensure_days({id_millis(m.id) // schema_.MS_PER_DAY for m in every})
+        if not every:
+            return []
+
+        def work(conn: Conn) -> list[tuple[str, list[Message]]]:
+            new_ids = self._record_ids(conn, every) if self.dedup else None
+            chosen: list[tuple[str, list[Message]]] = []
+            for queue, messages in lists:
+                mine = messages
+                if new_ids is not None:
+                    mine = []
+                    for m in messages:
+                        if m.id in new_ids:
+                            new_ids.discard(m.id)  # a repeat within the call is stored once
+                            mine.append(m)
+                if mine:
+                    chosen.append((queue, mine))
+            count = sum(len(ms) for _, ms in chosen)
+            if count:
+                # Raising here rolls back the ids recorded above as well.
+                self._check_limits(conn, count, sum(len(m.payload) for _, ms in chosen for m in ms))
+                for queue, messages in chosen:
+                    self._insert(conn, queue, messages)
+            return chosen
+
+        try:
+            chosen = self._run(work)
+        except psycopg.errors.CheckViolation:
+            # No partition for a day this process thought had one (another
+            # process pruned it, or made it in a transaction that rolled back).
+            self._days.clear()
+            self._ensure_days({id_millis(m.id) // schema_.MS_PER_DAY for m in every})
+            chosen = self._run(work)
+        if self.notify and chosen:
+            self._notify_added([q for q, _ in chosen])
+        return [m.id for _, ms in chosen for m in ms]
+
+    def _refuse_too_old(self, messages: Sequence[Message]) -> None:
+        # An id older than the window may have been stored and forgotten since;
+        # storing it again could deliver it twice (promise A2), so refuse it.
+        oldest = self.oldest_accepted_id()
+        for m in messages:
+            if m.id < oldest:
+                raise InvalidMessage(
+                    f"message {m.id} is older than the dedup window of "
+                    f"{self._window:g} seconds, so it may have been stored "
+                    "already; nothing was stored. Fail it at the sender"
+                )
+
+    def _record_ids(self, conn: Conn, messages: Sequence[Message]) -> set[str]:
+        """Insert the ids into ``seen``; the ones that were not there yet."""
+        rows = conn.execute(
+            "INSERT INTO seen (id, day) SELECT * FROM unnest(%s::uuid[], %s::integer[]) "
+            "ON CONFLICT DO NOTHING RETURNING id",
+            (
+                [_uuid(m.id) for m in messages],
+                [id_millis(m.id) // schema_.MS_PER_DAY for m in messages],
+            ),
+        ).fetchall()
+        return {row[0].hex for row in rows}
+
+    def _insert(self, conn: Conn, queue: str, messages: Sequence[Message]) -> None:
+        # One statement for the batch; WITH ORDINALITY keeps the given order
+        # in ``seq``, which is the delivery order within a priority.
+        conn.execute(
+            "INSERT INTO messages (queue, id, priority, channel, destination, size, payload) "
+            "SELECT %s, i, p, c, d, length(b), b FROM unnest("
+            "%s::uuid[], %s::smallint[], %s::text[], %s::text[], %s::bytea[]"
+            ") WITH ORDINALITY AS t(i, p, c, d, b, n) ORDER BY n",
+            (
+                queue,
+                [_uuid(m.id) for m in messages],
+                [m.priority for m in messages],
+                [m.channel for m in messages],
+                [m.destination for m in messages],
+                [m.payload for m in messages],
+            ),
+        )
+
+    def _check_limits(self, conn: Conn, count: int, nbytes: int) -> None:
+        if self.max_bytes is None and self.max_messages is None:
+            return
+        row = conn.execute(
+            "SELECT coalesce(sum(count), 0), coalesce(sum(bytes), 0) FROM usage"
+        ).fetchone()
+        waiting, waiting_bytes = (int(row[0]), int(row[1])) if row else (0, 0)
+        if self.max_messages is not None and waiting + count > self.max_messages:
+            raise StorageFull(
+                f"{self.where} is full: {waiting} messages wait and the limit is "
+                f"{self.max_messages}; nothing was stored. Retry once messages "
+                "are delivered, or raise max_messages"
+            )
+        if self.max_bytes is not None and waiting_bytes + nbytes > self.max_bytes:
+            raise StorageFull(
+                f"{self.where} is full: {waiting_bytes} payload bytes wait, "
+                f"{nbytes} more would pass the limit of {self.max_bytes}; nothing "
+                "was stored. Retry once messages are delivered, or raise max_bytes"
+            )
+
+    def _notify_added(self, queues: Sequence[str]) -> None:
+        # After the commit, in a transaction of its own that does not wait for
+        # a WAL flush: NOTIFY serialises the commits that carry one, and a
+        # lost wake-up only delays a consumer until its next poll.
+        try:
+            with self._transaction(sync=False) as conn:
+                for queue in sorted(set(queues)):
+                    conn.execute("SELECT pg_notify(%s, %s)", (self._notify_channel, queue))
+        except StorageUnavailable:
+            pass
+
+    # -- the dedup table's partitions ----------------------------------------------
+
+    def _ensure_days(self, days: set[int]) -> None:
+        missing = days - self._days
+        if not missing:
+            return
+
+        def work(conn: Conn) -> set[int]:
+            days = schema_.existing_days(conn, self.schema)
+            for day in sorted(missing - days):
+                schema_.create_day(conn, self.schema, day)
+                days.add(day)
+            return days
+
+        # Known only once committed: a rolled-back CREATE made nothing.
+        self._days = self._run(work)
+
+    def _prune_days(self) -> None:
+        oldest_day = int((self._clock() - self._window) * 1000) // schema_.MS_PER_DAY
+        keep_from = oldest_day - _PRUNE_MARGIN_DAYS
+
+        def work(conn: Conn) -> set[int]:
+            # Dropping waits for adds in flight; never hold them up for long.
+            conn.execute("SET LOCAL lock_timeout = '2s'")
+            days = schema_.existing_days(conn, self.schema)
+            for day in sorted(d for d in days if d < keep_from):
+                schema_.drop_day(conn, self.schema, day)
+                days.discard(day)
+            return days
+
+        try:
+            self._days = self._run(work)
+        except psycopg.errors.LockNotAvailable:
+            self._days_checked = float("-inf")  # try again at the next upkeep
+
+    # -- taking and settling ----------------------------------------------------------
+
+    def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:
+        """Claim up to ``limit`` messages of ``queue``; see ``IStorage.take``."""
+        validate_queue(queue)
+        if limit < 1:
+            return []
+        lease_s = self.default_lease if lease is None else lease
+        now_ms = int(self._clock() * 1000)
+        claim = int.from_bytes(os.urandom(7), "big")
+
+        def work(conn: Conn) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "WITH picked AS (SELECT seq FROM messages WHERE queue = %s AND lease_until <= %s "
+                "ORDER BY priority, seq LIMIT %s FOR UPDATE SKIP LOCKED) "
+                "UPDATE messages m SET lease_until = %s, claim = %s FROM picked "
+                "WHERE m.seq = picked.seq "
+                "RETURNING m.seq, m.id, m.priority, m.channel, m.destination, m.payload",
+                (queue, now_ms, limit, now_ms + int(lease_s * 1000), claim),
+            ).fetchall()
+
+        # Not synced: a take lost to a crash only frees the message again.
+        rows = sorted(self._run(work, sync=False), key=lambda r: (r[2], r[0]))
+        return [
+            Message(
+                id=msg_id.hex,
+                payload=bytes(payload),
+                channel=channel,
+                priority=priority,
+                destination=destination,
+                receipt=_Receipt(self._token, seq, claim),
+            )
+            for seq, msg_id, priority, channel, destination, payload in rows
+        ]
+
+    def _receipts(self, messages: Iterable[Message]) -> list[_Receipt]:
+        """The receipts of ``messages``; raise before any change if one is foreign."""
+        receipts = []
+        for m in messages:
+            r = m.receipt
+            if not isinstance(r, _Receipt) or r.storage is not self._token:
+                raise UnknownMessage(
+                    f"message {m.id} was not taken from this storage: ack, release "
+                    "and fail the Message objects that take() returned"
+                )
+            receipts.append(r)
+        return receipts
+
+    def ack(self, messages: Iterable[Message]) -> None:
+        """Forget taken ``messages``; durable on return when ``sync_acks``.
+
+        Acking twice, or after the lease ran out and another consumer took
+        the message, is harmless: the work on it was done.
+        """
+        seqs = [r.seq for r in self._receipts(messages)]
+        if seqs:
+            self._run(
+                lambda conn: conn.execute("DELETE FROM messages WHERE seq = ANY(%s)", (seqs,)),
+                sync=self.sync_acks,
+            )
+
+    def release(self, messages: Iterable[Message]) -> None:
+        """Hand taken ``messages`` out again, if the claim is still ours."""
+        receipts = self._receipts(messages)
+        if receipts:
+            self._run(
+                lambda conn: conn.execute(
+                    "UPDATE messages SET lease_until = 0, claim = NULL "
+                    "FROM unnest(%s::bigint[], %s::bigint[]) AS r(seq, claim) "
+                    "WHERE messages.seq = r.seq AND messages.claim = r.claim",
+                    ([r.seq for r in receipts], [r.claim for r in receipts]),
+                ),
+                sync=False,
+            )
+
+    def fail(self, messages: Iterable[Message], reason: str) -> None:
+        """Move taken ``messages`` to the failed area with ``reason``, durably."""
+        if not isinstance(reason, str) or not reason:
+            raise InvalidMessage("fail() needs a reason: a short text saying what went wrong")
+        # Each row once, in the order given.
+        seqs = list(dict.fromkeys(r.seq for r in self._receipts(messages)))
+        if not seqs:
+            return
+        now = self._clock()
+        self._run(
+            lambda conn: conn.execute(
+                # The failed area keeps the order the messages were given in.
+                "WITH gone AS (DELETE FROM messages WHERE seq = ANY(%s) RETURNING *) "
+                "INSERT INTO failed (queue, id, priority, channel, destination, payload, "
+                "reason, failed_at) SELECT queue, id, priority, channel, destination, payload, "
+                "%s, %s FROM gone JOIN unnest(%s::bigint[]) WITH ORDINALITY AS o(seq, n) "
+                "USING (seq) ORDER BY n",
+                (seqs, reason, now, seqs),
+            )
+        )
+
+    # -- looking -----------------------------------------------------------------
+
+    def queues(self) -> list[str]:
+        """Queues holding messages, waiting or failed (two skip scans of indexes)."""
+
+        def work(conn: Conn) -> set[str]:
+            names: set[str] = set()
+            for table in ("messages", "failed"):
+                query = sql.SQL(_SELECT_QUEUES).format(table=sql.Identifier(table))
+                names.update(row[0] for row in conn.execute(query).fetchall())
+            return names
+
+        return sorted(self._run(work, sync=False))
+
+    def stats(self) -> dict[str, QueueStats]:
+        """Figures for every queue; scans the messages table."""
+        now = self._clock()
+        now_ms = int(now * 1000)
+
+        def work(conn: Conn) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+            # One snapshot, so the figures describe a single moment.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            waiting = conn.execute(
+                "SELECT queue, count(*), sum(size), min(id::text), "
+                "count(*) FILTER (WHERE lease_until > %s) FROM messages GROUP BY queue",
+                (now_ms,),
+            ).fetchall()
+            failed = conn.execute("SELECT queue, count(*) FROM failed GROUP BY queue").fetchall()
+            return waiting, {q: int(n) for q, n in failed}
+
+        waiting, failed = self._run(work, sync=False)
+        result: dict[str, QueueStats] = {}
+        for queue, depth, nbytes, oldest_id, taken in waiting:
+            oldest = max(0.0, now - id_time(str(oldest_id).replace("-", "")))
+            result[queue] = QueueStats(
+                int(depth), int(nbytes), oldest, int(taken), failed.pop(queue, 0)
+            )
+        for queue, count in failed.items():
+            result[queue] = QueueStats(0, 0, 0.0, 0, count)
+        return dict(sorted(result.items()))
+
+    def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:
+        """Up to ``limit`` failed messages of ``queue`` with their reasons, oldest first."""
+        validate_queue(queue)
+        rows = self._run(
+            lambda conn: conn.execute(
+                "SELECT id, priority, channel, destination, payload, reason FROM failed "
+                "WHERE queue = %s ORDER BY seq LIMIT %s",
+                (queue, max(0, limit)),
+            ).fetchall(),
+            sync=False,
+        )
+        return [
+            (Message(i.hex, bytes(payload), channel, priority, destination), reason)
+            for i, priority, channel, destination, payload, reason in rows
+        ]
+
+    def usage(self) -> tuple[int, int]:
+        """``(messages, payload bytes)`` waiting, from the sharded running totals."""
+        row = self._run(
+            lambda conn: conn.execute(
+                "SELECT coalesce(sum(count), 0), coalesce(sum(bytes), 0) FROM usage"
+            ).fetchone(),
+            sync=False,
+        )
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    # -- what dropr-server needs (IReceivingStore) --------------------------------------
+
+    @property
+    def dedup_window(self) -> float:
+        """Seconds a stored id is remembered (0.0 without dedup)."""
+        return self._window if self.dedup else 0.0
+
+    def oldest_accepted_id(self) -> str:
+        """Ids sorting below this are older than the dedup window; see IReceivingStore."""
+        if not self.dedup:
+            return ""
+        return f"{max(0, int((self._clock() - self._window) * 1000)):012x}"
+
+    def channel_count(self) -> int:
+        """How many channels hold messages, waiting or failed."""
+        return len(self.queues())
+
+    def upkeep(self) -> None:
+        """Make the dedup table's partitions for today and tomorrow; drop expired ones.
+
+        Looks at the catalog at most once a minute.  Drained channels need no
+        removal: a channel is only its rows.
+        """
+        now = self._clock()
+        if now - self._days_checked < _PARTITIONS_EVERY or not self.dedup:
+            return
+        self._days_checked = now
+        today = int(now * 1000) // schema_.MS_PER_DAY
+        self._days.clear()
+        self._ensure_days({today, today + 1})
+        self._prune_days()
+
+    # -- wake-ups (IWakeSource) -------------------------------------------------------
+
+    def watch(self, queue: str, callback: Callable[[], None], reactor: Any) -> Callable[[], None]:
+        """Call ``callback`` in the reactor thread after an add to ``queue`` commits.
+
+        LISTEN on a connection of its own, in a thread; a notification lost
+        while the database restarts only delays a consumer until its poll.
+        """
+        watcher = Watcher(
+            self.spec, self._notify_channel, queue, lambda: reactor.callFromThread(callback)
+        )
+        self._watchers.append(watcher)
+
+        def stop() -> None:
+            watcher.stop()
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+        return stop
