@@ -156,13 +156,16 @@ class PostgresStorage:
             name=f"dropr-{self.schema}",
             open=False,
         )
+        # A connection of its own first, so a wrong password or host is
+        # reported as libpq says it, not as a pool that timed out.
         try:
-            self._pool.open(wait=True, timeout=connect_timeout)
-            with self._transaction() as conn:
+            with psycopg.connect(
+                spec, connect_timeout=max(1, round(connect_timeout)), application_name="dropr"
+            ) as conn:
                 schema_.migrate(conn, self.schema)
-        except BaseException:
-            self._pool.close()
-            raise
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            raise self._unavailable(e) from None
+        self._pool.open(wait=False)
 
     # -- connections and transactions ---------------------------------------------------
 
