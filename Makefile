@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test install install-run browser lint docs bench clean
+.PHONY: demo test install install-run browser postgresql lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,19 @@ browser:
 		echo "chromium is missing (apt-get install chromium): the status page test will fail"; \
 	fi
 
-test: install browser
+# The PostgreSQL store's tests start a cluster of their own (initdb, pg_ctl)
+# and put HAProxy in front of several servers: Debian's packages, installed
+# as root when missing.
+PG_BINDIR ?= /usr/lib/postgresql/15/bin
+postgresql:
+	@if [ -x $(PG_BINDIR)/initdb ] && command -v haproxy >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql haproxy; \
+	else \
+		echo "postgresql or haproxy is missing (apt-get install postgresql haproxy): their tests are skipped"; \
+	fi
+
+test: install browser postgresql
 	$(BIN)/ruff check dropr tests bench twisted
 	$(BIN)/ruff format --check dropr tests bench twisted
 	$(BIN)/mypy
