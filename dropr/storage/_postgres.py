@@ -88,6 +88,7 @@ class PostgresStorage:
     :param connect_timeout: seconds to wait for a connection before raising
         ``StorageUnavailable``.
     :param notify: send a ``NOTIFY`` after each add, for ``watch``.
+
     The other keywords mean what they mean for the other storages:
     ``max_bytes``, ``max_messages`` (checked against running totals, so
     servers adding at the same instant may pass them by one request each),
