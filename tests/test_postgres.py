@@ -21,7 +21,6 @@ from typing import Any
 import psycopg
 import pytest
 from pgcluster import PASSWORD, PgCluster, free_port
-from storage_conformance import make, take_and_ack_worker
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
@@ -32,6 +31,9 @@ from dropr.interfaces import IReceivingStore, IStorage, IUsage, IWakeSource
 from dropr.storage import _pgschema
 from dropr.storage._postgres import PostgresStorage
 from dropr.storage._spec import open_store
+
+pytest.register_assert_rewrite("storage_conformance")
+from storage_conformance import make, take_and_ack_worker  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -63,6 +63,38 @@ SELECT queue FROM q WHERE queue IS NOT NULL
 """
 
 
+# One request in one statement: the rows come in as arrays (binary, ``%b``),
+# ``seen`` takes the ids it has not got and returns them, and only those
+# rows go into ``messages``, in the given order (``seq`` is the delivery
+# order within a priority).
+_INPUT = """
+WITH input AS (
+    SELECT * FROM unnest(%b::text[], %b::uuid[], %b::integer[], %b::smallint[],
+                         %b::text[], %b::text[], %b::bytea[])
+    WITH ORDINALITY AS t(queue, id, day, priority, channel, destination, payload, n)
+)"""
+_STORE = (
+    _INPUT
+    + """, new AS (
+    -- In id order: two requests with the same ids lock them in one order, no deadlock.
+    INSERT INTO seen (id, day) SELECT id, day FROM input ORDER BY id
+    ON CONFLICT DO NOTHING RETURNING id
+)
+INSERT INTO messages (queue, id, priority, channel, destination, size, payload)
+SELECT queue, id, priority, channel, destination, length(payload), payload
+FROM input JOIN new USING (id) ORDER BY n
+RETURNING id"""
+)
+_STORE_NO_DEDUP = (
+    _INPUT
+    + """
+INSERT INTO messages (queue, id, priority, channel, destination, size, payload)
+SELECT queue, id, priority, channel, destination, length(payload), payload
+FROM input ORDER BY n
+RETURNING id"""
+)
+
+
 @dataclass(frozen=True, slots=True)
 class _Receipt:
     """Which row a taken message is, and which claim handed it out."""
@@ -259,38 +291,41 @@ class PostgresStorage:
         if not every:
             return []
 
-        def work(conn: Conn) -> list[tuple[str, list[Message]]]:
-            new_ids = self._record_ids(conn, every) if self.dedup else None
-            chosen: list[tuple[str, list[Message]]] = []
-            for queue, messages in lists:
-                mine = messages
-                if new_ids is not None:
-                    mine = []
-                    for m in messages:
-                        if m.id in new_ids:
-                            new_ids.discard(m.id)  # a repeat within the call is stored once
-                            mine.append(m)
-                if mine:
-                    chosen.append((queue, mine))
-            count = sum(len(ms) for _, ms in chosen)
-            if count:
-                # Raising here rolls back the ids recorded above as well.
-                self._check_limits(conn, count, sum(len(m.payload) for _, ms in chosen for m in ms))
-                for queue, messages in chosen:
-                    self._insert(conn, queue, messages)
-            return chosen
+        # Each id once (the first copy wins), then one statement does it all.
+        unique = list({m.id: (q, m) for q, ms in reversed(lists) for m in reversed(ms)}.values())
+        unique.reverse()
+        params = (
+            [q for q, _ in unique],
+            [_uuid(m.id) for _, m in unique],
+            [id_millis(m.id) // schema_.MS_PER_DAY for _, m in unique],
+            [m.priority for _, m in unique],
+            [m.channel for _, m in unique],
+            [m.destination for _, m in unique],
+            [m.payload for _, m in unique],
+        )
+        statement = _STORE if self.dedup else _STORE_NO_DEDUP
+
+        def work(conn: Conn) -> set[str]:
+            rows = conn.execute(statement, params).fetchall()
+            stored = {row[0].hex for row in rows}
+            if stored:
+                # Raising here rolls back the ids recorded in ``seen`` as well.
+                self._check_limits(
+                    conn, len(stored), sum(len(m.payload) for _, m in unique if m.id in stored)
+                )
+            return stored
 
         try:
-            chosen = self._run(work)
+            stored = self._run(work)
         except psycopg.errors.CheckViolation:
             # No partition for a day this process thought had one (another
             # process pruned it, or made it in a transaction that rolled back).
             self._days.clear()
             self._ensure_days({id_millis(m.id) // schema_.MS_PER_DAY for m in every})
-            chosen = self._run(work)
-        if self.notify and chosen:
-            self._notify_added([q for q, _ in chosen])
-        return [m.id for _, ms in chosen for m in ms]
+            stored = self._run(work)
+        if self.notify and stored:
+            self._notify_added(sorted({q for q, m in unique if m.id in stored}))
+        return [m.id for _, m in unique if m.id in stored]
 
     def _refuse_too_old(self, messages: Sequence[Message]) -> None:
         # An id older than the window may have been stored and forgotten since;
@@ -304,43 +339,14 @@ class PostgresStorage:
                     "already; nothing was stored. Fail it at the sender"
                 )
 
-    def _record_ids(self, conn: Conn, messages: Sequence[Message]) -> set[str]:
-        """Insert the ids into ``seen``; the ones that were not there yet."""
-        rows = conn.execute(
-            "INSERT INTO seen (id, day) SELECT * FROM unnest(%s::uuid[], %s::integer[]) "
-            "ON CONFLICT DO NOTHING RETURNING id",
-            (
-                [_uuid(m.id) for m in messages],
-                [id_millis(m.id) // schema_.MS_PER_DAY for m in messages],
-            ),
-        ).fetchall()
-        return {row[0].hex for row in rows}
-
-    def _insert(self, conn: Conn, queue: str, messages: Sequence[Message]) -> None:
-        # One statement for the batch; WITH ORDINALITY keeps the given order
-        # in ``seq``, which is the delivery order within a priority.
-        conn.execute(
-            "INSERT INTO messages (queue, id, priority, channel, destination, size, payload) "
-            "SELECT %s, i, p, c, d, length(b), b FROM unnest("
-            "%s::uuid[], %s::smallint[], %s::text[], %s::text[], %s::bytea[]"
-            ") WITH ORDINALITY AS t(i, p, c, d, b, n) ORDER BY n",
-            (
-                queue,
-                [_uuid(m.id) for m in messages],
-                [m.priority for m in messages],
-                [m.channel for m in messages],
-                [m.destination for m in messages],
-                [m.payload for m in messages],
-            ),
-        )
-
     def _check_limits(self, conn: Conn, count: int, nbytes: int) -> None:
         if self.max_bytes is None and self.max_messages is None:
             return
+        # The totals include this transaction's own insert already.
         row = conn.execute(
             "SELECT coalesce(sum(count), 0), coalesce(sum(bytes), 0) FROM usage"
         ).fetchone()
-        waiting, waiting_bytes = (int(row[0]), int(row[1])) if row else (0, 0)
+        waiting, waiting_bytes = (int(row[0]) - count, int(row[1]) - nbytes) if row else (0, 0)
         if self.max_messages is not None and waiting + count > self.max_messages:
             raise StorageFull(
                 f"{self.where} is full: {waiting} messages wait and the limit is "
