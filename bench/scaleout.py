@@ -23,6 +23,7 @@ count and time, and every socket is on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -49,6 +50,10 @@ CHANNEL = "bench"
 def _messages(count: int, size: int) -> list[Message]:
     payload = os.urandom(size // 2).hex().encode()[:size].ljust(size, b".")
     return [Message(i, payload, CHANNEL) for i in new_ids(count)]
+
+
+def _waiting(store: Any) -> int:
+    return int(store.usage()[0])
 
 
 def commit_cost(store: Any, batch: int, seconds: float, max_requests: int) -> dict[str, float]:
@@ -189,25 +194,23 @@ def main() -> int:
                 top = scratch.fresh(f"e2e-{kind}-{n}")
                 if kind == "filesystem":
                     spec = os.path.join(top, "store")
-                    reader: Any = None
-
-                    def waiting(top: str = top) -> int:
-                        nonlocal reader
-                        if reader is None:
-                            reader = FilesystemStorage(os.path.join(top, "store"), usage_refresh=0)
-                        return int(reader.usage()[0])
+                    os.makedirs(spec)
+                    reader: Any = FilesystemStorage(spec, usage_refresh=0)
                 else:
                     spec = fresh_database()
                     reader = PostgresStorage(spec, pool_size=1)
-
-                    def waiting() -> int:
-                        return int(reader.usage()[0])
-
                 try:
-                    got = end_to_end(top, spec, n, args.clients, args.messages, args.batch, waiting)
+                    got = end_to_end(
+                        top,
+                        spec,
+                        n,
+                        args.clients,
+                        args.messages,
+                        args.batch,
+                        functools.partial(_waiting, reader),
+                    )
                 finally:
-                    if reader is not None:
-                        reader.close()
+                    reader.close()
                 log(f"e2e {kind} x{n} round {r}: {got['e2e_per_s']:,.0f} msg/s")
                 e2e.setdefault(f"{kind}-{n}", []).append(got)
         report["end_to_end"] = {
