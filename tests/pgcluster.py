@@ -61,7 +61,7 @@ def _unprivileged_user() -> str | None:
 class PgCluster:
     """One PostgreSQL server in a temp dir: ``start``, ``stop``, ``crash``, ``url``."""
 
-    def __init__(self, bindir: str) -> None:
+    def __init__(self, bindir: str, hosts: tuple[str, ...] = ("127.0.0.1",)) -> None:
         self.bindir = bindir
         self.user = _unprivileged_user()
         self.root = tempfile.mkdtemp(prefix="dropr-pg-")
@@ -85,7 +85,7 @@ class PgCluster:
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
             f.write(
                 f"port = {self.port}\n"
-                "listen_addresses = '127.0.0.1'\n"
+                f"listen_addresses = '{','.join(hosts)}'\n"
                 f"unix_socket_directories = '{self.root}'\n"
                 "max_connections = 300\n"
                 "shared_buffers = 64MB\n"
@@ -94,6 +94,9 @@ class PgCluster:
                 "max_wal_size = 256MB\n"
                 "log_min_messages = warning\n"
             )
+        # Clients on other loopback addresses stand for other hosts.
+        with open(os.path.join(self.data, "pg_hba.conf"), "a") as f:
+            f.write("host all all 127.0.0.0/8 scram-sha-256\n")
         self.start()
         self.psql("template1", f"CREATE DATABASE {DATABASE}")
 
