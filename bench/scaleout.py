@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -67,6 +68,18 @@ def commit_cost(store: Any, batch: int, seconds: float, max_requests: int) -> di
     return {"requests_per_s": requests / elapsed, "messages_per_s": requests * batch / elapsed}
 
 
+def _start_server(spec: str, logfile: str) -> ServerProcess:
+    # A free port can be taken by another process before the server binds it
+    # (others run tests on this machine too): try another one.
+    for attempt in range(3):
+        try:
+            return ServerProcess(spec, logfile, extra=["--allow-anonymous-local"]).start_and_wait()
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def end_to_end(
     top: str,
     spec: str,
@@ -77,10 +90,7 @@ def end_to_end(
     waiting: Any,
 ) -> dict[str, Any]:
     """Start ``servers`` on ``spec`` (behind HAProxy if more than a directory), push ``count``."""
-    procs = [
-        ServerProcess(spec, os.path.join(top, f"server{i}.log")).start_and_wait()
-        for i in range(servers)
-    ]
+    procs = [_start_server(spec, os.path.join(top, f"server{i}.log")) for i in range(servers)]
     balancer = None
     try:
         if spec.startswith("postgresql:"):
@@ -134,6 +144,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.messages, args.commit_seconds = 1, 6000, 0.5
+    # SIGTERM unwinds like an error, so the servers, clients, HAProxy and the
+    # cluster this run started are stopped by the ``finally`` clauses.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     bindir = find_bindir()
     if bindir is None:
         raise SystemExit("PostgreSQL is not installed: apt-get install postgresql")

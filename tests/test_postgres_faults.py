@@ -118,12 +118,21 @@ class Run:
 
     def start_server(self, i: int) -> None:
         n = sum(self.faults.values())
-        server = ServerProcess(
-            self.url,
-            str(self.root / f"server{i}-{n}.log"),
-            port=self.ports[i] if i < len(self.ports) else None,
-            extra=["--allow-anonymous-local"],
-        ).start_and_wait()
+        for attempt in range(5):
+            try:
+                server = ServerProcess(
+                    self.url,
+                    str(self.root / f"server{i}-{n}-{attempt}.log"),
+                    port=self.ports[i] if i < len(self.ports) else None,
+                    extra=["--allow-anonymous-local"],
+                ).start_and_wait()
+                break
+            except RuntimeError:
+                # Its port, free a moment ago, was taken meanwhile (by another
+                # program on this machine, or a socket still closing): retry.
+                if attempt == 4:
+                    raise
+                time.sleep(0.5)
         if i < len(self.servers):
             self.servers[i] = server
         else:

@@ -49,6 +49,8 @@ _PARTITIONS_EVERY = 60.0
 #: Days kept beyond the window before a partition is dropped: servers whose
 #: clocks differ by less than this never drop a day another still accepts.
 _PRUNE_MARGIN_DAYS = 1
+#: Seconds ``channel_count`` reuses its figure.
+_CHANNELS_EVERY = 1.0
 #: Tries of a transaction that PostgreSQL rolled back for a conflict.
 _TRIES = 3
 
@@ -171,6 +173,7 @@ class PostgresStorage:
         self._days: set[int] = set()
         self._days_checked = float("-inf")
         self._watchers: list[Watcher] = []
+        self._channels: tuple[float, int] | None = None
         self._notify_channel = f"dropr_{self.schema}"
         ident = sql.Identifier(self.schema)
 
@@ -252,6 +255,9 @@ class PostgresStorage:
             except StorageUnavailable:
                 if attempt > 0 or self._closed:
                     raise
+                # The database may have restarted: drop the pool's dead
+                # connections before the one retry.
+                self._pool.check()
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -583,8 +589,15 @@ class PostgresStorage:
         return f"{max(0, int((self._clock() - self._window) * 1000)):012x}"
 
     def channel_count(self) -> int:
-        """How many channels hold messages, waiting or failed."""
-        return len(self.queues())
+        """How many channels hold messages, waiting or failed; at most a second old.
+
+        The server asks before every request; the count comes from the
+        database once a second, not on every request.
+        """
+        now = time.monotonic()
+        if self._channels is None or now - self._channels[0] >= _CHANNELS_EVERY:
+            self._channels = (now, len(self.queues()))
+        return self._channels[1]
 
     def upkeep(self) -> None:
         """Make the dedup table's partitions for today and tomorrow; drop expired ones.
