@@ -1,11 +1,13 @@
 # The two commands of the README:
 #   make demo   a server, a client daemon, messages put, delivered, consumed
 #   make test   install what the tests need, then run tests, lint, types, docs
+# and, while working:
+#   make test-fast   the fast tier only (pytest -m "not slow"): under a minute
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test install install-run browser postgresql lint docs bench clean
+.PHONY: demo test test-fast install install-run browser postgresql lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,12 +45,18 @@ postgresql:
 		echo "postgresql or haproxy is missing (apt-get install postgresql haproxy): their tests are skipped"; \
 	fi
 
+# Both tiers: the fast one first, so a plain mistake shows in a minute, then
+# the slow one (processes, chaos, crash loops, the browser, PostgreSQL).
 test: install browser postgresql
 	$(BIN)/ruff check dropr tests bench twisted
 	$(BIN)/ruff format --check dropr tests bench twisted
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/sphinx-build -q -W -b html docs docs/_build/html
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python bench/put.py

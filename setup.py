@@ -1,8 +1,18 @@
+import re
+
 from setuptools import find_packages, setup
+
+
+def version() -> str:
+    # dropr/__init__.py holds the version; read, not imported (its imports
+    # need the dependencies this file is about to declare).
+    with open("dropr/__init__.py", encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
 
 setup(
     name="dropr",
-    version="0.1.0",
+    version=version(),
     description="A store-and-forward message queue on the file system, on Twisted",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import dropr
-from dropr.storage.files._storage import FilesystemStorage
+from dropr.storage._spec import open_store
 from dropr.testing import ClientProcess, ServerProcess, wait_until
 
 CHANNEL = "bench"
@@ -50,7 +50,7 @@ def throughput(
     client = ClientProcess(os.path.join(top, "spool"), os.path.join(top, "client.log"), cpu=cpus[0])
     server.start_and_wait()
     client.start_and_wait()
-    store = FilesystemStorage(os.path.join(top, "store"), usage_refresh=0.0)
+    store: Any = open_store(os.path.join(top, "store"), usage_refresh=0.0)
     payload = os.urandom(size // 2).hex().encode()[:size].ljust(size, b".")
     try:
         with dropr.Spool(os.path.join(top, "spool"), max_bytes=None, max_messages=None) as sp:

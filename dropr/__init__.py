@@ -5,12 +5,17 @@ Producers::
     import dropr
     dropr.put(b"hello", "http://central:8080/", channel="orders", priority=3)
 
-Consumers, on the receiving host::
+Consumers, on the receiving host (the store is named as dropr-server's
+``--store``: a directory, ``sqlite:///path`` or ``postgresql://...``)::
 
     store = dropr.Store("/var/lib/dropr/store")
-    for message in store.take("orders", limit=100):
+    messages = store.take("orders", limit=100)
+    for message in messages:
         handle(message.payload)
     store.ack(messages)
+
+Everything dropr raises on purpose is a :class:`DroprError`.  Tests of code
+that uses dropr find fakes in :mod:`dropr.testing`.
 """
 
 from dropr._message import Message
@@ -20,11 +25,14 @@ from dropr.errors import (
     DroprError,
     InvalidMessage,
     PayloadTooLarge,
+    StorageClosed,
     StorageFull,
     StorageLocked,
     UnknownMessage,
+    UnsupportedByStore,
 )
 
+#: The one place the version is set; setup.py reads it from here.
 __version__ = "0.1.0"
 
 __all__ = [
@@ -33,10 +41,12 @@ __all__ = [
     "Message",
     "PayloadTooLarge",
     "Spool",
+    "StorageClosed",
     "StorageFull",
     "StorageLocked",
     "Store",
     "UnknownMessage",
+    "UnsupportedByStore",
     "__version__",
     "put",
     "put_deferred",

@@ -2,10 +2,16 @@
 
 ``ChannelConsumer`` takes messages of one channel in order, calls a handler
 for each (it may return a Deferred or be a coroutine function), acks the
-ones handled, and gives back or fails the ones whose handler raised.  It is
-woken by inotify on the channel's ``wake`` file, which the store touches
-after every batch it stores, so a new message is handled within
-milliseconds without polling; a slow timer (``poll``) is only a safety net.
+ones handled, and gives back or fails the ones whose handler raised.  Where
+the store is an ``IWakeSource`` it is woken as messages arrive (the
+file-system store: inotify on the channel's ``wake`` file, which it touches
+after every batch it stores), so a new message is handled within
+milliseconds; a slow timer (``poll``) is the safety net, and the only way
+for a store that cannot wake anyone.
+
+Store operations go through ``run_on_disk`` (the reactor's thread pool by
+default), so tests run a consumer on a ``MemoryStorage`` and a ``Clock``
+with :func:`dropr.testing.run_now`.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ from typing import Any
 from twisted.application import service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.filepath import FilePath
 
 from dropr._message import Message, validate_channel
 from dropr._store import Store
-from dropr.storage.files._storage import FilesystemStorage
+from dropr.storage._adapt import wake_source
 
 Handler = Callable[[Message], Any]
+#: Runs a store operation off the reactor thread: ``run(f, *args)`` → Deferred.
+DiskRunner = Callable[..., "Deferred[Any]"]
 
 
 class ChannelConsumer(service.Service):
@@ -38,6 +46,8 @@ class ChannelConsumer(service.Service):
     :param batch: messages taken per round.
     :param lease: seconds a taken message stays this consumer's.
     :param poll: seconds between rounds when no wake-up came (safety net).
+    :param run_on_disk: runs the store's calls; the reactor's thread pool
+        when None.
     """
 
     log = Logger()
@@ -53,6 +63,7 @@ class ChannelConsumer(service.Service):
         lease: float = 60.0,
         poll: float = 5.0,
         max_attempts: int = 5,
+        run_on_disk: DiskRunner | None = None,
     ) -> None:
         self.store = store
         self.channel = validate_channel(channel)
@@ -67,30 +78,30 @@ class ChannelConsumer(service.Service):
         self._running: Deferred[None] | None = None
         self._again = False
         self._stopping = False
-        self._inotify: Any = None
+        self._run_on_disk = run_on_disk
+        self._stop_watch: Callable[[], None] | None = None
         self._timer = LoopingCall(self.wake)
         self._timer.clock = reactor
         self._poll = poll
 
+    def _disk(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self._run_on_disk is not None:
+            return self._run_on_disk(f, *args)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        storage = self.store.storage
-        if isinstance(storage, FilesystemStorage):
+        source = wake_source(self.store.storage)
+        if source is not None:
             try:
-                from twisted.internet import inotify
-
-                notifier = inotify.INotify(self.reactor)
-                notifier.startReading()
-                notifier.watch(
-                    FilePath(storage.wake_file(self.channel)),
-                    mask=inotify.IN_ATTRIB | inotify.IN_MODIFY,
-                    callbacks=[lambda *_: self.wake()],
-                )
-                self._inotify = notifier
-            except Exception as e:  # no inotify here: the timer carries on
+                self._stop_watch = source.watch(self.channel, self.wake, self.reactor)
+            except Exception as e:  # no inotify here, say: the timer carries on
                 self.log.warn(
-                    "no inotify ({error}); polling every {poll} s", error=e, poll=self._poll
+                    "no wake-ups for {channel} ({error}); polling every {poll} s",
+                    channel=self.channel,
+                    error=e,
+                    poll=self._poll,
                 )
         self._timer.start(self._poll, now=True)
 
@@ -101,13 +112,15 @@ class ChannelConsumer(service.Service):
         if self._running is not None:
             self._again = True
             return
-        self._running = ensureDeferred(self._round())
+        d = ensureDeferred(self._round())
+        # A round on a synchronous store (a test's) may be over already.
+        self._running = None if d.called else d
 
     async def _round(self) -> None:
         try:
             while not self._stopping:
                 self._again = False
-                messages = await self.store.take_deferred(self.channel, self.batch, self.lease)
+                messages = await self._disk(self.store.take, self.channel, self.batch, self.lease)
                 if not messages:
                     if self._again:
                         continue
@@ -135,7 +148,7 @@ class ChannelConsumer(service.Service):
                 if n >= self.max_attempts:
                     self._attempts.pop(m.id, None)
                     reason = f"handler failed {n} times: {type(e).__name__}: {e}"
-                    await self.store.fail_deferred([m], reason)
+                    await self._disk(self.store.fail, [m], reason)
                     self.failed += 1
                     self.log.warn("failed message {id}: {reason}", id=m.id, reason=reason)
                 else:
@@ -145,19 +158,19 @@ class ChannelConsumer(service.Service):
             self._attempts.pop(m.id, None)
             done.append(m)
         if done:
-            await self.store.ack_deferred(done)
+            await self._disk(self.store.ack, done)
             self.handled += len(done)
         if retry:
-            await self.store.release_deferred(retry)
+            await self._disk(self.store.release, retry)
 
     def stopService(self) -> Any:
         super().stopService()
         self._stopping = True
         if self._timer.running:
             self._timer.stop()
-        if self._inotify is not None:
-            self._inotify.loseConnection()
-            self._inotify = None
+        if self._stop_watch is not None:
+            self._stop_watch()
+            self._stop_watch = None
         # Always a Deferred, so callers can wait on it whether a round runs.
         return self._running if self._running is not None else succeed(None)
 

@@ -19,7 +19,6 @@ import re
 import threading
 import time
 
-ID_LENGTH = 32
 _ID_RE = re.compile(r"[0-9a-f]{32}\Z")
 
 _lock = threading.Lock()

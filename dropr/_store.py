@@ -9,17 +9,22 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from dropr._message import Message, validate_channel
+from dropr.errors import StoreNotFound
 from dropr.interfaces import IStorage, QueueStats
-from dropr.storage.files._storage import FilesystemStorage
+from dropr.storage._spec import open_store, redact, spec_kind, spec_path
 
 
-def open_storage(path: str, **options: object) -> IStorage:
-    """The storage at ``path``: SQLite for a ``.sqlite`` file, else a directory."""
-    if path.endswith((".sqlite", ".sqlite3", ".db")):
-        from dropr.storage._sqlite import SQLiteStorage
-
-        return SQLiteStorage(path, **options)  # type: ignore[arg-type]
-    return FilesystemStorage(path, **options)  # type: ignore[arg-type]
+def _check_exists(spec: str) -> None:
+    """Refuse a file-system or SQLite spec where nothing is: a typo must not make a store."""
+    kind = spec_kind(spec)
+    if kind == "postgresql":
+        return
+    path = spec_path(spec)
+    if not (os.path.isdir(path) if kind == "files" else os.path.isfile(path)):
+        raise StoreNotFound(
+            f"no store at {redact(spec)}: give the --store of a dropr-server "
+            "(a directory, sqlite:///path or postgresql://…)"
+        )
 
 
 class Store:
@@ -30,25 +35,24 @@ class Store:
     until the lease expires or it is released.  Ack what you processed, fail
     what you cannot process (it moves to the failed area with your reason).
 
-    :param path: the store directory the dropr-server writes (or an
-        ``IStorage`` provider).
+    :param spec: the store as dropr-server's ``--store`` names it: a
+        directory, ``sqlite:///path`` or ``postgresql://…`` (see
+        :func:`dropr.storage._spec.open_store`); or an ``IStorage`` provider,
+        such as :class:`dropr.testing.MemoryStorage` in tests.
     :param lease: default seconds a taken message stays yours.
     """
 
-    def __init__(self, path: str | IStorage, *, lease: float = 60.0) -> None:
-        if isinstance(path, str):
-            if not os.path.isdir(path) and not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"no store at {path}: give the --store directory of a dropr-server"
-                )
-            self.storage: IStorage = open_storage(path, lease=lease)
+    def __init__(self, spec: str | IStorage, *, lease: float = 60.0) -> None:
+        if isinstance(spec, str):
+            _check_exists(spec)
+            self.storage: IStorage = open_store(spec, lease=lease)
         else:
-            self.storage = path
+            self.storage = spec
 
     def take(self, channel: str, limit: int = 100, lease: float | None = None) -> list[Message]:
         """Claim up to ``limit`` messages of ``channel`` in delivery order."""
         validate_channel(channel)
-        return self.storage.take(channel, limit, lease)  # type: ignore[return-value]
+        return self.storage.take(channel, limit, lease)
 
     def ack(self, messages: Iterable[Message]) -> None:
         """Mark taken messages processed; they will not be handed out again."""
@@ -64,15 +68,15 @@ class Store:
 
     def queues(self) -> list[str]:
         """Channels holding messages (waiting or failed)."""
-        return self.storage.queues()  # type: ignore[no-any-return]
+        return self.storage.queues()
 
     def stats(self) -> dict[str, QueueStats]:
         """Depth, bytes, oldest age, taken and failed counts per channel."""
-        return self.storage.stats()  # type: ignore[no-any-return]
+        return self.storage.stats()
 
     def failed(self, channel: str, limit: int = 100) -> list[tuple[Message, str]]:
         """Failed messages of ``channel`` with their reasons."""
-        return self.storage.failed(channel, limit)  # type: ignore[no-any-return]
+        return self.storage.failed(channel, limit)
 
     def take_deferred(
         self, channel: str, limit: int = 100, lease: float | None = None

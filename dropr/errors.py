@@ -1,4 +1,10 @@
-"""The exceptions dropr raises.  Every message says what to do about it."""
+"""The exceptions dropr raises.  Every message says what to do about it.
+
+Every exception a user of dropr can see derives from :class:`DroprError`,
+so ``except dropr.DroprError`` catches all of them.  Some also derive from
+the built-in exception their callers used to catch (``ValueError``,
+``KeyError``), so older code keeps working.
+"""
 
 from __future__ import annotations
 
@@ -37,12 +43,20 @@ class StorageLocked(DroprError):
     """Another process holds the exclusive lock of a spool or store."""
 
 
+class StoreNotFound(DroprError, FileNotFoundError):
+    """No spool or store where one was named: check the path or spec."""
+
+
+class StorageClosed(DroprError, ValueError):
+    """A spool or store was used after ``close()``: open it again."""
+
+
+class UnsupportedByStore(DroprError):
+    """The store at hand cannot do what was asked (a file-system-only repair, say)."""
+
+
 class UnknownMessage(DroprError, KeyError):
     """An ack, release or fail named a message that is not taken here."""
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0]) if self.args else "unknown message"
-
-
-class CorruptFile(DroprError):
-    """A file in a spool or store cannot be read; it gets quarantined."""

@@ -6,7 +6,7 @@ each with ``verifyObject``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,46 @@ class SendResult:
     reason: str = ""
     #: True when the refusal is final (retrying the same bytes cannot help).
     permanent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OpenMessage:
+    """A message waiting or taken, as the ``dropr`` command lists it."""
+
+    #: The message, with a receipt: ``ack``, ``fail`` and ``release`` of the
+    #: storage that listed it accept it (settling it as its taker would).
+    message: Message
+    queue: str
+    #: When its lease runs out (seconds since the epoch); None when it was
+    #: never taken or was released.  A lease in the past means waiting.
+    lease_expires: float | None = None
+    #: Whose lease it is: the ``owner`` of the storage object that took it.
+    lease_owner: str | None = None
+    #: Where the storage keeps it, for people (a file below the store, say).
+    location: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FailedMessage:
+    """A message in a failed area, with why and when it failed."""
+
+    message: Message
+    queue: str
+    reason: str
+    #: Seconds since the epoch.
+    failed_at: float
+    location: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """Something a storage could not read and set aside (a quarantined file, say)."""
+
+    location: str
+    reason: str
+    #: When it was set aside, in seconds since the epoch.
+    time: float
+    size: int
 
 
 class IStorage(Interface):
@@ -154,6 +194,13 @@ class ISpoolStorage(IStorage, IUsage):
     def queue_names() -> list[str]:
         """Queues (destinations) that may hold messages; cheap, no walk."""
 
+    def count_usage() -> tuple[int, int]:
+        """Count what waits now (a walk, perhaps) and make it the figure ``usage`` reports.
+
+        The client daemon calls it at each rescan, in its disk thread, so
+        producers' limit checks read fresh figures without a walk of their own.
+        """
+
 
 class IWakeSource(Interface):
     """Tells a consumer that a queue got messages, instead of polling."""
@@ -177,8 +224,55 @@ class ITransport(Interface):
         which case nothing can be assumed stored).
         """
 
+    def close() -> Any:
+        """Let go of connections; a Deferred that fires once they are closed."""
 
-class INotifier(Interface):
-    """Wakes the sender when a producer put something in the spool."""
 
-    wakeups = Attribute("How many wakeups were received since start.")
+class IMessageAdmin(Interface):
+    """What the ``dropr`` command needs of a spool or store beyond ``IStorage``.
+
+    Lists messages by state, settles them by id, and empties the failed
+    area.  Safe beside a running daemon: the storage's own locking orders
+    these calls with its takes and adds.
+    """
+
+    owner = Attribute(
+        "The lease owner (str) of what this object's take() claims: the receipt "
+        "``dropr take`` prints and ``OpenMessage.lease_owner`` shows."
+    )
+
+    def open_messages(queue: str, since: float = 0.0) -> Iterator[OpenMessage]:
+        """The messages of ``queue`` waiting or taken, in delivery order.
+
+        ``since`` (seconds since the epoch) lets the storage skip messages
+        put before then where that is cheap (a search by id starts at the
+        id's time); it may yield older ones too.
+        """
+
+    def failed_messages(queue: str) -> Iterator[FailedMessage]:
+        """The failed area of ``queue``, oldest failure first."""
+
+    def requeue_failed(queue: str, ids: Collection[str]) -> list[str]:
+        """Move the failed messages ``ids`` of ``queue`` back behind what waits there.
+
+        They keep their id, priority and creation time.  Each is durable in
+        the queue before it leaves the failed area (a crash in between leaves
+        it in both, never in neither).  Returns the ids moved; ids not in the
+        failed area, or that cannot be read whole, are left where they are.
+        """
+
+    def purge_failed(queue: str, ids: Collection[str]) -> list[str]:
+        """Delete the failed messages ``ids`` of ``queue`` for good; return the ids deleted."""
+
+    def purge_processed(older_than: float, queue: str | None = None) -> int:
+        """Delete what acked and failed messages left behind, older than ``older_than`` s.
+
+        Returns how many pieces went (buckets of batch files, say); 0 where
+        an ack deletes at once.
+        """
+
+    def set_aside() -> list[SetAside]:
+        """What the storage could not read and set aside, oldest first."""
+
+    def purge_set_aside(older_than: float) -> list[SetAside]:
+        """Delete what was set aside at least ``older_than`` seconds ago; return it."""

@@ -1,216 +1,193 @@
-"""Run real dropr daemons from Python: for tests, benchmarks and the demo.
+"""Test support for code that uses dropr, shipped with it (as ``treq.testing`` is).
 
-``DaemonProcess`` starts ``twistd -n dropr-server`` or ``dropr-client`` as a
-child process, waits until it is ready and stops it with SIGTERM (or kills
-it with SIGKILL for crash tests).
+Fast fakes, for unit tests without disks, sockets or real seconds:
+
+* :class:`MemoryStorage`: a spool or store in memory with the semantics of
+  the durable ones (ordering, leases, the failed area, dedup, limits); it
+  provides every storage interface, so a sender, a consumer, the ``dropr``
+  command's functions or your own code can run on it.
+* :class:`FakeTransport`: an ``ITransport`` that records what was sent and
+  answers as you tell it (stored, refused, unreachable, or held until you
+  answer by hand).
+* :class:`StubServer`: a dropr-server in memory.  Its ``transport`` carries
+  batches over the wire format into a store (a ``MemoryStorage`` with dedup
+  by default) and answers as dropr-server does: "stored" for new and
+  already-known ids, a final refusal for ids older than the store's dedup
+  window or dated far ahead.
+* :func:`run_now`: runs spool operations at once, where the client daemon
+  uses a thread, so a ``DestinationSender`` runs on a ``MemoryReactorClock``.
+
+For end-to-end tests, :class:`ServerProcess` and :class:`ClientProcess` run
+the real daemons as ``twistd`` processes (slow: real processes, real seconds).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import socket
-import ssl
-import subprocess
-import sys
+import io
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from dropr._daemonprocess import (
+    ClientProcess,
+    DaemonDidNotStart,
+    DaemonProcess,
+    ServerProcess,
+    free_port,
+    twistd_command,
+    wait_until,
+)
+from dropr._message import Message
+from dropr.client._sender import run_now
+from dropr.client._transport import BatchTooLarge, DestinationUnavailable
+from dropr.errors import InvalidMessage, StorageFull
+from dropr.interfaces import IReceivingStore, ITransport, SendResult
+from dropr.storage._memory import MemoryStorage
+from dropr.wire import decode_answer, encode_answer, encode_batch, parse_batch
+
+__all__ = [
+    "ClientProcess",
+    "DaemonDidNotStart",
+    "DaemonProcess",
+    "FakeTransport",
+    "MemoryStorage",
+    "PendingSend",
+    "ServerProcess",
+    "StubServer",
+    "free_port",
+    "refused",
+    "run_now",
+    "stored",
+    "twistd_command",
+    "wait_until",
+]
+
+#: ``answer(destination, messages)``: the results of a send, or raise to fail it.
+Answer = Callable[[str, Sequence[Message]], Sequence[SendResult]]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def stored(destination: str, messages: Sequence[Message]) -> list[SendResult]:
+    """An ``Answer``: every message stored."""
+    return [SendResult(m.id, True) for m in messages]
 
 
-def twistd_command() -> list[str]:
-    """How to run this Python's twistd."""
-    script = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(script):
-        return [sys.executable, script]
-    found = shutil.which("twistd")
-    if found:
-        return [sys.executable, found]
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+def refused(reason: str) -> Answer:
+    """An ``Answer``: every message refused for good with ``reason``."""
+
+    def answer(destination: str, messages: Sequence[Message]) -> list[SendResult]:
+        return [SendResult(m.id, False, reason, permanent=True) for m in messages]
+
+    return answer
 
 
-def wait_until(
-    condition: Callable[[], bool], timeout: float, interval: float = 0.02, what: str = ""
-) -> None:
-    """Poll ``condition`` until true; raise TimeoutError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(interval)
+@dataclass
+class PendingSend:
+    """A send a held :class:`FakeTransport` has not answered yet."""
+
+    destination: str
+    messages: list[Message]
+    deferred: Deferred[list[SendResult]]
+
+    def answer(self, results: Answer = stored) -> None:
+        """Answer with ``results(destination, messages)``."""
+        self.deferred.callback(list(results(self.destination, self.messages)))
+
+    def fail(self, error: Exception | None = None) -> None:
+        """Fail the send: the destination could not be reached."""
+        self.deferred.errback(error or DestinationUnavailable("connection refused (fake)"))
 
 
-class DaemonProcess:
-    """A ``twistd -n`` process running a dropr plugin."""
+@implementer(ITransport)
+class FakeTransport:
+    """An ``ITransport`` that records sends and answers with ``answer``.
 
-    def __init__(
-        self,
-        plugin: str,
-        args: Sequence[str],
-        logfile: str,
-        cpu: int | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.plugin = plugin
-        self.args = list(args)
-        self.logfile = logfile
-        self.cpu = cpu
-        self.env = env
-        #: A command the daemon runs under, e.g. ``setpriv --reuid=...`` to
-        #: run it as another user.
-        self.wrapper: list[str] = []
-        self.proc: subprocess.Popen[bytes] | None = None
+    ``answer(destination, messages)`` returns the results or raises
+    (:class:`~dropr.client._transport.DestinationUnavailable`, say, for a
+    server that cannot be reached).  With ``hold=True`` every send waits in
+    :attr:`pending` until the test answers it, to look at a sender with a
+    batch in flight.
+    """
 
-    def start(self) -> DaemonProcess:
-        cmd = [*twistd_command(), "-n", "--pidfile=", "--logfile", self.logfile, self.plugin]
-        cmd += self.args
-        if self.cpu is not None and shutil.which("taskset"):
-            cmd = ["taskset", "-c", str(self.cpu), *cmd]
-        cmd = [*self.wrapper, *cmd]
-        env = dict(os.environ)
-        if self.env:
-            env.update(self.env)
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
-        )
-        return self
+    def __init__(self, answer: Answer = stored, *, hold: bool = False) -> None:
+        self.answer = answer
+        self.hold = hold
+        #: Every send, in order: ``(destination, messages)``.
+        self.sent: list[tuple[str, list[Message]]] = []
+        self.pending: list[PendingSend] = []
+        self.closed = False
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; returns the exit status."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL: the crash no code can clean up after."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._close()
-
-    def _close(self) -> None:
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-    def log_text(self) -> str:
+    def send(self, destination: str, messages: Sequence[Message]) -> Deferred[list[SendResult]]:
+        batch = list(messages)
+        self.sent.append((destination, batch))
+        if self.hold:
+            d: Deferred[list[SendResult]] = Deferred()
+            self.pending.append(PendingSend(destination, batch, d))
+            return d
         try:
-            with open(self.logfile, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+            return succeed(list(self.answer(destination, batch)))
+        except Exception as e:
+            return fail(e)
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return succeed(None)
 
 
-class ServerProcess(DaemonProcess):
-    """``twistd -n dropr-server`` on 127.0.0.1 and a port of its own.
+class StubServer:
+    """A dropr-server in memory: its :attr:`transport` delivers into :attr:`store`.
 
-    Loopback only, so it accepts unsigned requests unless ``extra`` gives
-    ``--credentials``.  With ``tls=(key_file, cert_file)`` it speaks HTTPS,
-    and ``ca_file`` is what its own health check trusts.
+    Each send is encoded as a batch request, parsed as the server parses it
+    and stored with one all-or-nothing ``store()``, so what a consumer takes
+    from :attr:`store` is what a real server would hold.  Set :attr:`down`
+    to make the server unreachable, :attr:`max_messages` to refuse larger
+    requests as too large (HTTP 413).
     """
 
     def __init__(
         self,
-        store: str,
-        logfile: str,
-        port: int | None = None,
-        extra: Sequence[str] = (),
-        cpu: int | None = None,
-        tls: tuple[str, str] | None = None,
-        ca_file: str | None = None,
+        store: IReceivingStore | None = None,
+        *,
+        max_payload: int = 16 * 1024 * 1024,
+        max_messages: int = 100_000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.port = port or free_port()
-        self.store = store
-        self.tls = tls
-        self.ca_file = ca_file
-        if tls is None:
-            listen = f"tcp:{self.port}:interface=127.0.0.1"
-        else:
-            key, cert = (_escape_endpoint(p) for p in tls)
-            listen = f"ssl:{self.port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"
-        super().__init__(
-            "dropr-server", ["--listen", listen, "--store", store, *extra], logfile, cpu
+        self.store: Any = store if store is not None else MemoryStorage(dedup=True, clock=clock)
+        self.max_payload = max_payload
+        self.max_messages = max_messages
+        self.down = False
+        self._clock = clock
+        self.transport = FakeTransport(self._answer)
+
+    def _answer(self, destination: str, messages: Sequence[Message]) -> list[SendResult]:
+        if self.down:
+            raise DestinationUnavailable(f"{destination} cannot be reached (stub server down)")
+        if len(messages) > self.max_messages:
+            raise BatchTooLarge(
+                f"more than {self.max_messages} messages in one request; send smaller batches"
+            )
+        parsed = parse_batch(
+            io.BytesIO(encode_batch(messages)), self.max_payload, self.max_messages
         )
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.tls else "http"
-        return f"{scheme}://127.0.0.1:{self.port}/"
-
-    def healthy(self) -> bool:
-        context = ssl.create_default_context(cafile=self.ca_file) if self.tls else None
+        rejected = dict(parsed.rejected)
+        oldest = self.store.oldest_accepted_id()
+        newest = f"{int((self._clock() + 3600) * 1000):012x}"
+        accepted: dict[str, list[Message]] = {}
+        for m in parsed.messages:
+            if m.id < oldest:
+                rejected[m.id] = "message is older than this server's dedup window"
+            elif m.id[:12] > newest:
+                rejected[m.id] = "message id is dated more than an hour ahead of this server"
+            else:
+                accepted.setdefault(m.channel, []).append(m)
         try:
-            with urllib.request.urlopen(self.url + "health", timeout=1, context=context) as r:
-                return bool(json.loads(r.read()).get("status") == "ok")
-        except (OSError, ValueError, urllib.error.URLError):
-            return False
-
-    def start_and_wait(self, timeout: float = 30.0) -> ServerProcess:
-        self.start()
-        wait_until(
-            lambda: self.healthy() or not self.alive(), timeout, 0.05, "dropr-server to listen"
-        )
-        if not self.alive():
-            raise RuntimeError(f"dropr-server exited: {self._stderr()}\n{self.log_text()}")
-        return self
-
-    def _stderr(self) -> str:
-        if self.proc is not None and self.proc.stderr is not None:
-            try:
-                return self.proc.stderr.read().decode("utf-8", "replace")
-            except ValueError:
-                return ""
-        return ""
-
-
-def _escape_endpoint(text: str) -> str:
-    """``text`` as one argument of a Twisted endpoint string."""
-    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
-
-
-class ClientProcess(DaemonProcess):
-    """``twistd -n dropr-client`` on a spool."""
-
-    def __init__(
-        self, spool: str, logfile: str, extra: Sequence[str] = (), cpu: int | None = None
-    ) -> None:
-        self.spool = spool
-        super().__init__("dropr-client", ["--spool", spool, *extra], logfile, cpu)
-
-    def start_and_wait(self, timeout: float = 30.0) -> ClientProcess:
-        self.start()
-        fifo = os.path.join(self.spool, "notify")
-        wait_until(
-            lambda: ("forwarding spool" in self.log_text()) or not self.alive(),
-            timeout,
-            0.05,
-            "dropr-client to start",
-        )
-        if not self.alive() or not os.path.exists(fifo):
-            raise RuntimeError(f"dropr-client did not start:\n{self.log_text()}")
-        return self
+            self.store.store(list(accepted.items()))
+        except StorageFull as e:
+            raise DestinationUnavailable(f"{destination} answered HTTP 507: {e}") from e
+        except InvalidMessage as e:
+            return [SendResult(m.id, False, str(e), permanent=True) for m in messages]
+        ids = [m.id for group in accepted.values() for m in group]
+        return decode_answer(encode_answer(ids, rejected), messages)

@@ -2,10 +2,11 @@
 
 A batch is one ``POST`` to the destination URL with
 ``Content-Type: application/x-dropr-batch`` and a body in the batch file
-format of :mod:`dropr.storage._batchfile` (magic, then framed, checksummed records;
-the destination field is left empty).  ``X-Dropr-Fresh: 1`` tells the server
-that none of the messages was ever offered before, so it need not look
-their ids up in its dedup index.
+format of :mod:`dropr.storage._batchfile` (magic, then framed, checksummed
+records; the destination field is left empty), written and framed by that
+module's one record codec.  The server looks every id up in its own dedup
+record; ``X-Dropr-Fresh``, which old clients send, is only part of the
+signed text of a request.
 
 A single message can be posted by any HTTP client (``curl``): any other
 content type, the body is the payload, and the query string carries
@@ -34,24 +35,21 @@ import json
 import mmap
 import os
 import re
-import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from dropr._message import MAX_PRIORITY, Message
+from dropr.errors import DroprError
 from dropr.interfaces import SendResult
-from dropr.storage._batchfile import MAGIC
+from dropr.storage._batchfile import HEAD, MAGIC, FrameError, encode, frame_at
 
 CONTENT_TYPE = "application/x-dropr-batch"
 FRESH_HEADER = "X-Dropr-Fresh"
-_FRAME = struct.Struct(">I")
-_HEAD = struct.Struct(">16sBBH")
 _CHANNEL_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
-class WireError(ValueError):
+class WireError(DroprError, ValueError):
     """A request body that cannot be read; the whole request is refused."""
 
     def __init__(self, reason: str, status: int = 400, retry: bool = False) -> None:
@@ -63,18 +61,7 @@ class WireError(ValueError):
 
 def encode_batch(messages: Sequence[Message]) -> bytes:
     """The request body carrying ``messages`` (destinations left out)."""
-    parts = [MAGIC]
-    append = parts.append
-    pack_head = _HEAD.pack
-    pack_frame = _FRAME.pack
-    crc32 = zlib.crc32
-    for m in messages:
-        channel = m.channel.encode("ascii")
-        body = pack_head(bytes.fromhex(m.id), m.priority, len(channel), 0) + channel + m.payload
-        append(pack_frame(len(body)))
-        append(body)
-        append(pack_frame(crc32(body)))
-    return b"".join(parts)
+    return b"".join(encode(messages, destinations=False))
 
 
 @dataclass(slots=True)
@@ -118,44 +105,27 @@ def _parse(data: bytes | mmap.mmap, max_payload: int, max_messages: int) -> Pars
         )
     result = ParsedBatch()
     messages, rejected, records = result.messages, result.rejected, result.records
-    max_body = _HEAD.size + 64 + 0xFFFF + max_payload
+    max_body = HEAD.size + 64 + 0xFFFF + max_payload
     channels: dict[bytes, str] = {}
     seen: set[str] = set()
-    unpack_frame = _FRAME.unpack_from
-    unpack_head = _HEAD.unpack_from
-    crc32 = zlib.crc32
-    head_size = _HEAD.size
+    unpack_head = HEAD.unpack_from
+    head_size = HEAD.size
     end = len(data)
     pos = len(MAGIC)
     count = 0
     while pos < end:
-        if pos + 4 > end:
-            raise WireError(f"record {count}: body ends inside a record length")
-        (length,) = unpack_frame(data, pos)
-        if length < head_size:
-            raise WireError(f"record {count}: impossible length {length}")
-        if length > max_body:
-            raise WireError(
-                f"record {count}: {length} bytes is more than the largest message "
-                f"this server accepts ({max_payload} bytes of payload)",
-                413,
-            )
         count += 1
         if count > max_messages:
             raise WireError(
                 f"more than {max_messages} messages in one request; send smaller batches",
                 413,
             )
-        start = pos + 4
-        stop = start + length
-        if stop + 4 > end:
-            raise WireError(f"record {count - 1}: body ends inside the record")
+        try:
+            body_start, stop = frame_at(data, pos, end, max_body)
+        except FrameError as e:
+            raise _frame_error(e, count - 1, max_payload) from None
+        length = stop - body_start
         record = data[pos : stop + 4]
-        (crc,) = unpack_frame(record, 4 + length)
-        if crc32(memoryview(record)[4 : 4 + length]) != crc:
-            raise WireError(
-                f"record {count - 1}: checksum mismatch (corrupted in transit?)", retry=True
-            )
         raw_id, priority, clen, dlen = unpack_head(record, 4)
         message_id = raw_id.hex()
         pos = stop + 4
@@ -194,6 +164,23 @@ def _parse(data: bytes | mmap.mmap, max_payload: int, max_messages: int) -> Pars
         if not dlen:
             records[message_id] = record
     return result
+
+
+def _frame_error(e: FrameError, index: int, max_payload: int) -> WireError:
+    if e.kind == "too-long":
+        return WireError(
+            f"record {index}: {e.length} bytes is more than the largest message "
+            f"this server accepts ({max_payload} bytes of payload)",
+            413,
+        )
+    if e.kind == "checksum":
+        return WireError(f"record {index}: checksum mismatch (corrupted in transit?)", retry=True)
+    reason = {
+        "truncated-length": "body ends inside a record length",
+        "impossible-length": f"impossible length {e.length}",
+        "truncated": "body ends inside the record",
+    }[e.kind]
+    return WireError(f"record {index}: {reason}")
 
 
 def encode_answer(stored: Sequence[str], rejected: dict[str, str]) -> bytes:

@@ -27,7 +27,6 @@ from verify import check_payload, sha256
 
 import dropr
 from dropr.errors import StorageUnavailable
-from dropr.storage._spec import open_store
 
 
 def until_done(what: Callable[[], object]) -> None:
@@ -55,7 +54,7 @@ def main() -> int:
     store = None
     while store is None and not stopping:
         try:
-            store = dropr.Store(open_store(args.store, lease=args.lease))
+            store = dropr.Store(args.store, lease=args.lease)
         except StorageUnavailable as e:
             print(f"waiting for the store: {e}", file=sys.stderr)
             time.sleep(0.2)

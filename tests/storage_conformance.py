@@ -29,8 +29,15 @@ from zope.interface.verify import verifyObject
 
 from dropr._ids import new_id, new_ids
 from dropr._message import Message
-from dropr.errors import InvalidMessage, PayloadTooLarge, StorageFull, UnknownMessage
-from dropr.interfaces import IStorage, QueueStats
+from dropr.errors import (
+    InvalidMessage,
+    PayloadTooLarge,
+    StorageClosed,
+    StorageFull,
+    UnknownMessage,
+)
+from dropr.interfaces import IMessageAdmin, IStorage, QueueStats
+from dropr.storage._adapt import message_admin
 
 QUEUE = "orders"
 #: A spool's queues are destinations: names that are no file names.
@@ -607,6 +614,87 @@ class StorageConformance:
             assert stats.taken == sum(1 for m in waiting if lease_until[m.id] > now)
             assert stats.failed == len(failed)
         assert ids(m for m, _ in storage.failed(QUEUE, 1000)) == failed
+
+    # -- a closed storage ----------------------------------------------------------
+
+    def test_a_closed_storage_raises_storage_closed(self, backend: Backend) -> None:
+        storage = backend.open()
+        storage.add(QUEUE, make(1))
+        storage.close()
+        for call in (
+            lambda: storage.add(QUEUE, make(1)),
+            lambda: storage.take(QUEUE, 1),
+            lambda: storage.stats(),
+        ):
+            with pytest.raises(StorageClosed):
+                call()
+
+    # -- IMessageAdmin: what the dropr command needs ---------------------------------
+
+    def test_provides_imessage_admin(self, backend: Backend) -> None:
+        assert verifyObject(IMessageAdmin, message_admin(backend.open()))
+
+    def test_open_messages_shows_waiting_and_taken_in_order(self, backend: Backend) -> None:
+        storage = backend.open()
+        admin = message_admin(storage)
+        low, high = make(2, priority=7), make(1, priority=1)
+        storage.add(QUEUE, low)
+        storage.add(QUEUE, high)
+        assert ids(storage.take(QUEUE, 1, lease=30)) == ids(high)
+        listed = list(admin.open_messages(QUEUE))
+        assert ids(o.message for o in listed) == ids(high + low)
+        assert [o.queue for o in listed] == [QUEUE] * 3
+        assert listed[0].lease_owner == admin.owner
+        assert listed[0].lease_expires == pytest.approx(backend.clock.seconds() + 30, abs=0.01)
+        assert [(o.lease_owner, o.lease_expires) for o in listed[1:]] == [(None, None)] * 2
+        assert listed[1].message.payload == low[0].payload
+        assert list(admin.open_messages("other")) == []
+
+    def test_what_open_messages_lists_can_be_settled(self, backend: Backend) -> None:
+        storage = backend.open()
+        admin = message_admin(storage)
+        sent = make(3)
+        storage.add(QUEUE, sent)
+        storage.take(QUEUE, 2, lease=30)
+        first, second, _ = (o.message for o in admin.open_messages(QUEUE))
+        storage.ack([first])
+        storage.fail([second], "bad address")
+        assert ids(o.message for o in admin.open_messages(QUEUE)) == ids(sent[2:])
+        [failed] = admin.failed_messages(QUEUE)
+        assert (failed.message.id, failed.reason) == (sent[1].id, "bad address")
+        assert failed.queue == QUEUE
+        assert failed.failed_at == pytest.approx(backend.clock.seconds(), abs=1)
+
+    def test_requeue_failed_moves_messages_behind_what_waits(self, backend: Backend) -> None:
+        # As the dropr command opens a store: beside its daemon, without dedup.
+        storage = backend.open(dedup=False)
+        admin = message_admin(storage)
+        sent = make(3, destination="http://h:1/")
+        storage.add(QUEUE, sent)
+        storage.fail(storage.take(QUEUE, 2), "refused")
+        later = make(1)
+        storage.add(QUEUE, later)
+        moved = admin.requeue_failed(QUEUE, [sent[1].id, "f" * 32])
+        assert moved == [sent[1].id]
+        assert ids(f.message for f in admin.failed_messages(QUEUE)) == [sent[0].id]
+        back = take_all(storage)
+        assert ids(back) == [sent[2].id, later[0].id, sent[1].id]
+        assert (back[2].payload, back[2].destination) == (sent[1].payload, "http://h:1/")
+        storage.ack(back)
+        assert storage.stats()[QUEUE].depth == 0
+
+    def test_purge_failed_forgets_only_the_ids_named(self, backend: Backend) -> None:
+        storage = backend.open()
+        admin = message_admin(storage)
+        sent = make(3)
+        storage.add(QUEUE, sent)
+        storage.fail(storage.take(QUEUE, 3), "refused")
+        assert sorted(admin.purge_failed(QUEUE, [sent[0].id, sent[2].id])) == sorted(
+            [sent[0].id, sent[2].id]
+        )
+        assert ids(m for m, _ in storage.failed(QUEUE, 10)) == [sent[1].id]
+        assert admin.purge_failed(QUEUE, [sent[0].id]) == []
+        assert admin.set_aside() == []
 
 
 # -- several storage objects, threads or processes on one store -------------------

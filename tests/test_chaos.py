@@ -35,6 +35,9 @@ from dropr.storage.files._storage import FilesystemStorage
 sys.path.insert(0, os.path.dirname(__file__))
 import chaos_harness
 
+# Chaos runs, full disks on tmpfs, kills: real processes and seconds.
+pytestmark = pytest.mark.slow
+
 
 def test_ci_sized_chaos_run_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
     seed = int(os.environ.get("DROPR_CHAOS_SEED") or random.SystemRandom().randrange(2**32))

@@ -22,6 +22,9 @@ from dropr._message import Message
 from dropr.admin import cli as cli
 from dropr.storage.files._storage import FilesystemStorage
 
+# The dropr command as a real process, on a pseudo-terminal too.
+pytestmark = pytest.mark.slow
+
 
 def run(
     *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
@@ -208,7 +211,7 @@ def test_requeue_and_purge_ask_first(tmp_path: Path) -> None:
     out = run("purge", "failed", "--store", store, "--older-than", "1h", "--yes")
     assert out.stdout == b"no failed messages match\n"
     out = run("purge", "failed", "--store", store, "--channel", "orders", "-y", "--json")
-    assert json.loads(out.stdout) == {"purged": 2, "damaged": []}
+    assert json.loads(out.stdout) == {"purged": 2, "left": []}
     assert run("list", "--store", store, "--json", "--state", "failed").stdout == b""
     out = run("purge", "processed", "--store", store, "--older-than", "7d")
     assert out.returncode == 0 and out.stdout == b"deleted 0 finished buckets\n"

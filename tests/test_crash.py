@@ -47,6 +47,9 @@ import pytest
 from dropr._message import Message
 from dropr.storage.files._storage import FilesystemStorage
 
+# kill -9 loops on real processes.
+pytestmark = pytest.mark.slow
+
 KILLS = int(os.environ.get("DROPR_CRASH_KILLS", "25"))
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_child.py")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

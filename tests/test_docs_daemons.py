@@ -19,8 +19,13 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 import dropr
 from dropr.testing import ServerProcess, free_port, twistd_command, wait_until
+
+# The documented commands, run as real processes.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"

@@ -19,6 +19,9 @@ import dropr
 from dropr.storage.files._storage import FilesystemStorage
 from dropr.testing import ClientProcess, ServerProcess, free_port, twistd_command, wait_until
 
+# Real twistd daemons over real sockets.
+pytestmark = pytest.mark.slow
+
 CHANNELS = ("orders", "audit", "mail")
 
 

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger, LogLevel
@@ -33,7 +34,14 @@ from dropr.monitoring._metrics import (
     StatsCache,
 )
 from dropr.storage.files._storage import FilesystemStorage
-from dropr.testing import ClientProcess, ServerProcess, free_port, twistd_command, wait_until
+from dropr.testing import (
+    ClientProcess,
+    MemoryStorage,
+    ServerProcess,
+    free_port,
+    twistd_command,
+    wait_until,
+)
 from dropr.wire import CONTENT_TYPE, encode_batch
 
 
@@ -147,8 +155,12 @@ def store_with_messages(path: Path) -> str:
 
 
 def test_server_metrics_count_what_the_hooks_report(tmp_path: Path) -> None:
-    store = store_with_messages(tmp_path / "store")
-    reader = FilesystemStorage(store)
+    now = [time.time()]
+    reader = MemoryStorage(clock=lambda: now[0])
+    old, young, bad = id_at(now[0] - 42.5), *new_ids(2)
+    reader.add("orders", [Message(bad, b"12345", "orders", 0)])  # taken first, failed
+    reader.add("orders", [Message(i, b"12345", "orders", 5) for i in (old, young)])
+    reader.fail(reader.take("orders", 1), "bad")
     try:
         m = ServerMetrics(reader.stats)
         m.stored("orders", received=5, new=3, new_bytes=30, seconds=0.004)
@@ -174,7 +186,9 @@ def test_server_metrics_count_what_the_hooks_report(tmp_path: Path) -> None:
     assert got[("dropr_store_depth", (("channel", "orders"),))] == 2
     assert got[("dropr_store_bytes", (("channel", "orders"),))] == 10
     assert got[("dropr_store_failed", (("channel", "orders"),))] == 1
-    assert got[("dropr_store_oldest_age_seconds", (("channel", "orders"),))] >= 0
+    assert got[("dropr_store_oldest_age_seconds", (("channel", "orders"),))] == pytest.approx(
+        42.5, abs=0.01
+    )
     assert ("dropr_store_stats_seconds", ()) in got
     assert ("process_cpu_seconds_total", ()) in got
 
@@ -329,6 +343,7 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_a_real_server_counts_and_logs_json(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     server = ServerProcess(
@@ -394,6 +409,7 @@ def test_a_real_server_counts_and_logs_json(tmp_path: Path) -> None:
     assert any(e["text"] == "dropr-server stopped" for e in events)
 
 
+@pytest.mark.slow
 def test_a_real_client_serves_its_metrics(tmp_path: Path) -> None:
     port = free_port()
     server = ServerProcess(str(tmp_path / "store"), str(tmp_path / "server.log")).start_and_wait()
@@ -486,6 +502,7 @@ def test_the_documented_metrics_exist() -> None:
         assert named <= served, f"{page} names metrics no daemon serves: {named - served}"
 
 
+@pytest.mark.slow
 def test_refusals_before_a_request_is_whole_are_counted(tmp_path: Path) -> None:
     """431 (a head line too long) and 408 (too slow) are answered without a request."""
     server = ServerProcess(
@@ -508,6 +525,7 @@ def test_refusals_before_a_request_is_whole_are_counted(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_twistd_logger_option_gives_json_lines_on_stdout(tmp_path: Path) -> None:
     """``twistd --logger=dropr.daemon.logs.json_observer``, for setups that log stdout."""
     port = free_port()

@@ -30,6 +30,9 @@ from dropr._message import Message
 from dropr.testing import ServerProcess
 from dropr.wire import CONTENT_TYPE, encode_batch
 
+# A real dropr-server, and the page in headless Chromium.
+pytestmark = pytest.mark.slow
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",

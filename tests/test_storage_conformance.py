@@ -125,6 +125,7 @@ def test_two_storage_objects_on_one_store_never_share_a_message(kind: str, tmp_p
         two.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(SHARED))
 def test_two_processes_ack_every_message_exactly_once(kind: str, tmp_path: Path) -> None:
     """Real child processes take and ack from one store of 2000 messages."""

@@ -38,6 +38,9 @@ from dropr.server import tap as server_tap
 from dropr.server._receiver import Limits
 from dropr.testing import ClientProcess, ServerProcess, free_port, wait_until
 
+# Real daemons and sockets over TLS.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 
 

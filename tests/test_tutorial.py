@@ -21,7 +21,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from dropr.testing import free_port
+
+# The tutorial, run verbatim with real daemons.
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 TUTORIAL = REPO / "docs" / "tutorial.rst"

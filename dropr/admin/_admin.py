@@ -2,9 +2,8 @@
 
 ``dropr list``, ``show``, ``take``, ``ack``, ``fail``, ``requeue`` and
 ``purge`` are thin shells over these plain functions, which tests call
-directly.  They work on a :class:`~dropr.storage.files._storage.FilesystemStorage`
-opened beside the daemon (as producers and consumers open it): no lock of
-the daemon is needed, and the daemon may run meanwhile.
+directly.  They need a storage's ``IStorage`` and ``IMessageAdmin`` only,
+so they work on every store a spec can name.
 
 States of a message, as listed:
 
@@ -16,32 +15,20 @@ States of a message, as listed:
 ``failed``
     in the failed area, with the reason it failed.
 
-Acked messages are gone from view; their files are deleted as soon as
-their whole bucket is done (see :func:`purge_processed`).
-
-Moves out of the failed area (requeue, purge) keep messages safe at every
-instant: a requeued message is durable in its queue before it leaves the
-failed area, so a crash in between leaves it in both (it is then delivered
-and still listed as failed), never in neither.
+Acked messages are gone from view.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dropr._ids import id_millis, id_time
+from dropr._ids import id_time
 from dropr._message import Message
-from dropr.storage import _batchfile as batchfile
-from dropr.storage._batchfile import BatchName
-from dropr.storage.files._durable import fsync_dir, rename_into, write_new_file
-from dropr.storage.files._storage import FilesystemStorage, decode_queue, encode_queue
+from dropr.interfaces import IStorage, SetAside
+from dropr.storage._adapt import message_admin
 
 WAITING = "waiting"
 TAKEN = "taken"
@@ -50,7 +37,7 @@ STATES = (WAITING, TAKEN, FAILED)
 
 #: A sender's clock may run ahead of the server's by this much (the
 #: receiver's MAX_CLOCK_SKEW), so a message may be dated after its batch.
-_SKEW_MS = 3600 * 1000
+_SKEW = 3600.0
 
 #: ``progress(done, total)``; total is None when unknown.
 Progress = Callable[[int, int | None], None]
@@ -68,7 +55,7 @@ class Entry:
     #: the queue: the channel in a store, the destination in a spool
     queue: str
     state: str
-    #: the batch file that holds it, relative to the root
+    #: where the storage keeps it (a batch file below the root, say)
     path: str
     #: lease expiry (seconds since the epoch) and owner, when it was taken
     lease_expires: float | None = None
@@ -110,97 +97,66 @@ class Entry:
 # -- looking -----------------------------------------------------------------------
 
 
-def queues(storage: FilesystemStorage) -> list[str]:
-    """Every queue with a directory or a failed area, sorted."""
-    names: set[str] = set()
-    for top in (storage.queues_dir, storage.failed_dir):
-        with contextlib.suppress(FileNotFoundError):
-            for d in os.listdir(top):
-                name = decode_queue(d)
-                if name is not None:
-                    names.add(name)
-    return sorted(names)
-
-
 def entries(
-    storage: FilesystemStorage,
+    storage: IStorage,
     queue: str | None = None,
     states: Iterable[str] = STATES,
     channel: str | None = None,
-    since_ms: int = 0,
+    since: float = 0.0,
     now: float | None = None,
 ) -> Iterator[Entry]:
     """Messages in ``states``, queue by queue, each queue in delivery order.
 
-    ``queue`` and ``channel`` narrow the walk; ``since_ms`` skips buckets
-    older than that (a search by id starts at the id's time).
+    ``queue`` and ``channel`` narrow the walk; ``since`` (seconds since the
+    epoch) lets the storage skip what was put before then.
     """
+    admin = message_admin(storage)
     wanted = set(states)
-    now_ms = int((time.time() if now is None else now) * 1000)
-    paths: dict[tuple[str, str], str] = {}
-    for q in [queue] if queue is not None else queues(storage):
+    now = time.time() if now is None else now
+    for q in [queue] if queue is not None else storage.queues():
         if wanted & {WAITING, TAKEN}:
-            for m, lease in storage.open_messages(q, since_ms):
+            for om in admin.open_messages(q, since):
+                m = om.message
                 if channel is not None and m.channel != channel:
                     continue
-                live = lease is not None and lease[0] > now_ms
+                live = om.lease_expires is not None and om.lease_expires > now
                 state = TAKEN if live else WAITING
-                if state not in wanted:
-                    continue
-                key = (getattr(m.receipt, "bucket", ""), getattr(m.receipt, "batch_id", ""))
-                path = paths.get(key)
-                if path is None:
-                    path = paths[key] = _batch_path(storage, *key)
-                yield Entry(
-                    m,
-                    q,
-                    state,
-                    path,
-                    lease[0] / 1000.0 if lease is not None else None,
-                    lease[1] if lease is not None else None,
-                )
+                if state in wanted:
+                    yield Entry(m, q, state, om.location, om.lease_expires, om.lease_owner)
         if FAILED in wanted:
-            for fb in failed_batches(storage, q):
-                for m in fb.messages:
-                    if channel is None or m.channel == channel:
-                        yield Entry(
-                            m,
-                            q,
-                            FAILED,
-                            os.path.relpath(fb.path, storage.path),
-                            reason=fb.reason,
-                            failed_at=fb.failed_at,
-                        )
-
-
-def _batch_path(storage: FilesystemStorage, bucket: str, batch_id: str) -> str:
-    for name in _listdir(bucket):
-        if name.startswith(batch_id):
-            return os.path.relpath(os.path.join(bucket, name), storage.path)
-    return os.path.relpath(bucket, storage.path) if bucket else ""
+            for fm in admin.failed_messages(q):
+                if channel is None or fm.message.channel == channel:
+                    yield Entry(
+                        fm.message,
+                        q,
+                        FAILED,
+                        fm.location,
+                        reason=fm.reason,
+                        failed_at=fm.failed_at,
+                    )
 
 
 def find(
-    storage: FilesystemStorage,
+    storage: IStorage,
     ids: Iterable[str],
     states: Iterable[str] = STATES,
     progress: Progress = _no_progress,
 ) -> dict[str, Entry]:
     """The entries of ``ids``, wherever they are; ids not found are left out.
 
-    Each queue is searched from the time of the oldest id on (a message
-    never sits in a bucket older than itself, give or take the clock skew
-    a server accepts), and the search stops once every id is found.
+    Each queue is searched from the time of the oldest id on (a message is
+    never stored before it was put, give or take the clock skew a server
+    accepts), and the search stops once every id is found.
     """
     wanted = set(ids)
     found: dict[str, Entry] = {}
     if not wanted:
         return found
-    since_ms = max(0, min(id_millis(i) for i in wanted) - _SKEW_MS)
-    names = queues(storage)
+    since = max(0.0, min(id_time(i) for i in wanted) - _SKEW)
+    names = storage.queues()
     for n, q in enumerate(names):
         progress(n, len(names))
-        for entry in entries(storage, q, states, since_ms=since_ms):
+        for entry in entries(storage, q, states, since=since):
             if entry.id in wanted and entry.id not in found:
                 found[entry.id] = entry
                 if len(found) == len(wanted):
@@ -210,7 +166,12 @@ def find(
     return found
 
 
-# -- taking and settling by id ---------------------------------------------------------
+def owner(storage: IStorage) -> str:
+    """The receipt ``dropr take`` prints: the lease owner of ``storage``'s takes."""
+    return str(message_admin(storage).owner)
+
+
+# -- settling by id ------------------------------------------------------------------
 
 
 @dataclass
@@ -222,7 +183,7 @@ class Settled:
 
 
 def settle(
-    storage: FilesystemStorage,
+    storage: IStorage,
     ids: Iterable[str],
     action: str,
     reason: str = "",
@@ -268,124 +229,27 @@ def settle(
 # -- the failed area ---------------------------------------------------------------
 
 
-@dataclass
-class FailedBatch:
-    """One file of a queue's failed area, and which of its messages are chosen."""
-
-    queue: str
-    path: str
-    name: BatchName
-    reason: str
-    failed_at: float
-    messages: list[Message]
-    #: indexes of the messages an operation applies to
-    chosen: list[int] = field(default_factory=list)
-    #: why the file could not be read whole ("" when it could)
-    damage: str = ""
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def failed_batches(storage: FilesystemStorage, queue: str) -> Iterator[FailedBatch]:
-    """The failed area of ``queue``, oldest failure first."""
-    fdir = os.path.join(storage.failed_dir, encode_queue(queue))
-    for name in _listdir(fdir):
-        bn = BatchName.parse(name)
-        if bn is None:
-            continue
-        path = os.path.join(fdir, name)
-        reason, failed_at = "(reason unreadable)", id_time(bn.batch_id)
-        try:
-            with open(os.path.join(fdir, f"{bn.batch_id}.why"), "rb") as f:
-                why = json.loads(f.read())
-            reason = str(why.get("reason", reason))
-            failed_at = float(why.get("time", failed_at))
-        except (OSError, ValueError, AttributeError, TypeError):
-            pass
-        try:
-            with open(path, "rb") as f:
-                decoded = batchfile.decode(f.read())
-        except FileNotFoundError:
-            continue  # requeued or purged meanwhile
-        damage = decoded.error
-        if not damage and len(decoded.messages) != bn.count:
-            damage = f"holds {len(decoded.messages)} messages, its name says {bn.count}"
-        yield FailedBatch(queue, path, bn, reason, failed_at, decoded.messages, damage=damage)
-
-
 def select_failed(
-    storage: FilesystemStorage,
+    storage: IStorage,
     queue: str | None = None,
     channel: str | None = None,
     ids: Iterable[str] | None = None,
     older_than: float | None = None,
     now: float | None = None,
-) -> list[FailedBatch]:
-    """Failed batches with the messages that match every criterion given chosen.
+) -> list[Entry]:
+    """The failed messages that match every criterion given.
 
     ``ids`` picks messages by id; ``older_than`` (seconds) those that failed
-    at least that long ago.  Batches with nothing chosen are left out.
+    at least that long ago.
     """
     id_set = set(ids) if ids is not None else None
     now = time.time() if now is None else now
-    out: list[FailedBatch] = []
-    for q in [queue] if queue is not None else queues(storage):
-        for fb in failed_batches(storage, q):
-            if older_than is not None and now - fb.failed_at < older_than:
-                continue
-            fb.chosen = [
-                i
-                for i, m in enumerate(fb.messages)
-                if (channel is None or m.channel == channel) and (id_set is None or m.id in id_set)
-            ]
-            if fb.chosen:
-                out.append(fb)
-    return out
-
-
-def count_chosen(selection: Iterable[FailedBatch]) -> int:
-    """How many messages ``selection`` applies to."""
-    return sum(len(fb.chosen) for fb in selection)
-
-
-@contextlib.contextmanager
-def _failed_dir_lock(path: str) -> Iterator[None]:
-    # Two tools rewriting one failed file at once could each keep messages
-    # the other removed; the directory's own flock orders them.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _rewrite_failed(storage: FilesystemStorage, fb: FailedBatch) -> None:
-    """Take the chosen messages out of ``fb``'s file, keeping the rest there."""
-    fdir = os.path.dirname(fb.path)
-    chosen = set(fb.chosen)
-    keep = [m for i, m in enumerate(fb.messages) if i not in chosen]
-    if keep and not fb.damage:
-        name = BatchName(fb.name.batch_id, len(keep), sum(len(m.payload) for m in keep))
-        tmp = write_new_file(storage.tmp_dir, fb.name.batch_id, batchfile.encode(keep))
-        rename_into(tmp, fdir, str(name))
-        if str(name) != os.path.basename(fb.path):
-            os.unlink(fb.path)
-    else:
-        os.unlink(fb.path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(fdir, f"{fb.name.batch_id}.why"))
-    fsync_dir(fdir)
-
-
-def _still_there(fb: FailedBatch) -> bool:
-    """True if ``fb``'s file is as it was read (no other tool changed it since)."""
-    return os.path.exists(fb.path)
+    return [
+        e
+        for e in entries(storage, queue, [FAILED], channel)
+        if (id_set is None or e.id in id_set)
+        and (older_than is None or now - (e.failed_at or 0.0) >= older_than)
+    ]
 
 
 @dataclass
@@ -393,134 +257,60 @@ class Moved:
     """What a requeue or a purge did."""
 
     messages: int = 0
-    #: failed files left alone because they could not be read whole
-    damaged: list[str] = field(default_factory=list)
+    #: ids chosen but left in the failed area: their file cannot be read whole
+    left: list[str] = field(default_factory=list)
+
+
+def _move(
+    selection: list[Entry],
+    op: Callable[[str, list[str]], list[str]],
+    progress: Progress,
+) -> Moved:
+    by_queue: dict[str, list[str]] = {}
+    for e in selection:
+        by_queue.setdefault(e.queue, []).append(e.id)
+    moved = Moved()
+    for n, (q, ids) in enumerate(by_queue.items()):
+        progress(n, len(by_queue))
+        done = set(op(q, ids))
+        moved.messages += len(done)
+        moved.left.extend(i for i in ids if i not in done)
+    progress(len(by_queue), len(by_queue))
+    return moved
 
 
 def requeue_failed(
-    storage: FilesystemStorage,
-    selection: list[FailedBatch],
-    progress: Progress = _no_progress,
+    storage: IStorage, selection: list[Entry], progress: Progress = _no_progress
 ) -> Moved:
-    """Move the chosen failed messages back to their queues, behind what waits.
+    """Move the ``selection`` of failed messages back to their queues, behind what waits.
 
     They keep their ids (so a server still recognises them), their
     priority and, in a spool, their age: a message that failed for being
     older than the client's ``--max-age`` fails again at once.
     """
-    moved = Moved()
-    for n, fb in enumerate(selection):
-        progress(n, len(selection))
-        if fb.damage:
-            moved.damaged.append(os.path.relpath(fb.path, storage.path))
-            continue
-        with _failed_dir_lock(os.path.dirname(fb.path)):
-            if not _still_there(fb):
-                continue
-            chosen = [fb.messages[i] for i in fb.chosen]
-            # Durable in the queue first: a crash between the two steps
-            # leaves a copy in both places, never in neither.
-            storage.add(fb.queue, chosen)
-            _rewrite_failed(storage, fb)
-        moved.messages += len(chosen)
-    progress(len(selection), len(selection))
-    return moved
+    return _move(selection, message_admin(storage).requeue_failed, progress)
 
 
 def purge_failed(
-    storage: FilesystemStorage,
-    selection: list[FailedBatch],
-    progress: Progress = _no_progress,
+    storage: IStorage, selection: list[Entry], progress: Progress = _no_progress
 ) -> Moved:
-    """Delete the chosen failed messages for good.
-
-    A file that cannot be read whole is deleted only when every message
-    that could be read from it is chosen (what could not be read is lost
-    already; ``dropr fsck`` reports such files); otherwise it is left alone
-    and named in the result.
-    """
-    moved = Moved()
-    for n, fb in enumerate(selection):
-        progress(n, len(selection))
-        with _failed_dir_lock(os.path.dirname(fb.path)):
-            if not _still_there(fb):
-                continue
-            if fb.damage and len(fb.chosen) < len(fb.messages):
-                moved.damaged.append(os.path.relpath(fb.path, storage.path))
-                continue
-            _rewrite_failed(storage, fb)
-        moved.messages += len(fb.chosen)
-    progress(len(selection), len(selection))
-    return moved
+    """Delete the ``selection`` of failed messages for good."""
+    return _move(selection, message_admin(storage).purge_failed, progress)
 
 
-# -- processed messages and the quarantine -------------------------------------------------
+# -- what acked messages leave behind, and what was set aside ---------------------------------
 
 
-def purge_processed(
-    storage: FilesystemStorage,
-    older_than: float,
-    queue: str | None = None,
-    progress: Progress = _no_progress,
-) -> int:
-    """Delete finished buckets (every message acked or failed) older than ``older_than`` s.
-
-    A take deletes them on its way through a queue; a queue no one takes
-    from any more keeps its last ones until this runs.  Returns how many
-    buckets were deleted.
-    """
-    names = [queue] if queue is not None else queues(storage)
-    removed = 0
-    for n, q in enumerate(names):
-        progress(n, len(names))
-        removed += storage.remove_finished(q, older_than)
-    progress(len(names), len(names))
-    return removed
+def purge_processed(storage: IStorage, older_than: float, queue: str | None = None) -> int:
+    """Delete what acked and failed messages left behind, older than ``older_than`` s."""
+    return int(message_admin(storage).purge_processed(older_than, queue))
 
 
-@dataclass(frozen=True)
-class Quarantined:
-    """A file in ``quarantine/`` and what its ``.why`` says."""
-
-    path: str
-    reason: str
-    time: float
-    size: int
+def quarantined(storage: IStorage) -> list[SetAside]:
+    """What the storage set aside as unreadable, oldest first."""
+    return list(message_admin(storage).set_aside())
 
 
-def quarantined(storage: FilesystemStorage) -> list[Quarantined]:
-    """What ``quarantine/`` holds, oldest first."""
-    out: list[Quarantined] = []
-    for name in _listdir(storage.quarantine_dir):
-        if name.endswith(".why"):
-            continue
-        path = os.path.join(storage.quarantine_dir, name)
-        reason, when = "(no .why file)", 0.0
-        try:
-            with open(path + ".why", "rb") as f:
-                why = json.loads(f.read())
-            reason = str(why.get("reason", reason))
-            when = float(why.get("time", 0.0))
-        except (OSError, ValueError, AttributeError, TypeError):
-            pass
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            continue
-        out.append(Quarantined(path, reason, when or st.st_mtime, st.st_size))
-    return sorted(out, key=lambda q: q.time)
-
-
-def purge_quarantine(
-    storage: FilesystemStorage, older_than: float, now: float | None = None
-) -> list[Quarantined]:
-    """Delete quarantined files (and their ``.why``) older than ``older_than`` s."""
-    now = time.time() if now is None else now
-    gone = [q for q in quarantined(storage) if now - q.time >= older_than]
-    for q in gone:
-        for p in (q.path, q.path + ".why"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
-    if gone:
-        fsync_dir(storage.quarantine_dir)
-    return gone
+def purge_quarantine(storage: IStorage, older_than: float) -> list[SetAside]:
+    """Delete what was set aside at least ``older_than`` seconds ago."""
+    return list(message_admin(storage).purge_set_aside(older_than))

@@ -131,7 +131,8 @@ def _show(args: argparse.Namespace) -> int:
     if entry.state == admin.FAILED:
         lines.append(("failed at", _when(d["failed_at"])))
         lines.append(("reason", d["reason"]))
-    lines.append(("file", d["path"]))
+    if d["path"]:
+        lines.append(("file", d["path"]))
     for key, value in lines:
         print(f"{key + ':':<13}{value}")
     text, encoding = encode_payload(payload, True)
@@ -152,6 +153,7 @@ def _take(args: argparse.Namespace) -> int:
     validate_channel(args.channel)
     storage = open_storage(args, store_only=True)
     try:
+        receipt = admin.owner(storage)
         taken = storage.take(args.channel, args.limit, args.lease)
         expires = time.time() + args.lease
         for m in taken:
@@ -166,7 +168,7 @@ def _take(args: argparse.Namespace) -> int:
                 "created": m.created,
                 "payload": text,
                 "payload_encoding": encoding,
-                "receipt": storage.owner,
+                "receipt": receipt,
                 "lease_expires": round(expires, 3),
             }
             print(json.dumps(line))

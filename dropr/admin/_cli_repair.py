@@ -11,17 +11,24 @@ from typing import Any
 
 from dropr._ids import is_valid_id
 from dropr.admin import _admin as admin
-from dropr.admin._common import Progress, UsageProblem, add_where, age, confirm, open_storage
+from dropr.admin._common import (
+    Progress,
+    UsageProblem,
+    add_where,
+    age,
+    confirm,
+    location,
+    open_storage,
+)
+from dropr.interfaces import IStorage
 
 
-def _describe(selection: list[admin.FailedBatch]) -> str:
-    per_queue = Counter[str]()
-    for fb in selection:
-        per_queue[fb.queue] += len(fb.chosen)
+def _describe(selection: list[admin.Entry]) -> str:
+    per_queue = Counter(e.queue for e in selection)
     return ", ".join(f"{q}: {n}" for q, n in sorted(per_queue.items()))
 
 
-def _select(args: argparse.Namespace, storage: Any) -> list[admin.FailedBatch]:
+def _select(args: argparse.Namespace, storage: IStorage) -> list[admin.Entry]:
     ids = list(args.ids or [])
     bad = [i for i in ids if not is_valid_id(i)]
     if bad:
@@ -39,12 +46,13 @@ def _select(args: argparse.Namespace, storage: Any) -> list[admin.FailedBatch]:
 
 def _report(args: argparse.Namespace, verb: str, moved: admin.Moved) -> None:
     if args.json:
-        print(json.dumps({verb: moved.messages, "damaged": moved.damaged}))
+        print(json.dumps({verb: moved.messages, "left": moved.left}))
         return
     print(f"{verb} {moved.messages} messages")
-    for path in moved.damaged:
+    for i in moved.left:
         print(
-            f"dropr {args.command}: left {path} alone: it cannot be read whole (run dropr fsck)",
+            f"dropr {args.command}: left {i} alone: it cannot be read whole, or changed "
+            "meanwhile (run dropr fsck, then again)",
             file=sys.stderr,
         )
 
@@ -54,11 +62,12 @@ def _requeue(args: argparse.Namespace) -> int:
     progress = Progress("requeueing")
     try:
         selection = _select(args, storage)
-        count = admin.count_chosen(selection)
+        count = len(selection)
         if not count:
             print("no failed messages match")
             return 0
-        question = f"requeue {count} failed messages ({_describe(selection)}) in {storage.path}?"
+        where = location(storage)
+        question = f"requeue {count} failed messages ({_describe(selection)}) in {where}?"
         if not confirm(question, args.yes):
             print("nothing done")
             return 1
@@ -67,7 +76,7 @@ def _requeue(args: argparse.Namespace) -> int:
         progress.finish()
         storage.close()
     _report(args, "requeued", moved)
-    return 1 if moved.damaged else 0
+    return 1 if moved.left else 0
 
 
 def _purge(args: argparse.Namespace) -> int:
@@ -76,27 +85,27 @@ def _purge(args: argparse.Namespace) -> int:
     try:
         if args.what == "failed":
             selection = _select(args, storage)
-            count = admin.count_chosen(selection)
+            count = len(selection)
             if not count:
                 print("no failed messages match")
                 return 0
             question = (
                 f"delete {count} failed messages ({_describe(selection)}) from "
-                f"{storage.path} for good?"
+                f"{location(storage)} for good?"
             )
             if not confirm(question, args.yes):
                 print("nothing done")
                 return 1
             moved = admin.purge_failed(storage, selection, progress)
             _report(args, "purged", moved)
-            return 1 if moved.damaged else 0
+            return 1 if moved.left else 0
         if args.ids or args.channel or args.all:
             raise UsageProblem(f"purge {args.what} takes --older-than (and --to), not ids")
         older = 0.0 if args.older_than is None else args.older_than
         if args.what == "processed":
             # Only acked and failed messages go, which nobody can take any
             # more: nothing to ask.
-            removed = admin.purge_processed(storage, older, args.to, progress)
+            removed = admin.purge_processed(storage, older, args.to)
             text = {"purged_buckets": removed}
             print(json.dumps(text) if args.json else f"deleted {removed} finished buckets")
             return 0
@@ -104,7 +113,7 @@ def _purge(args: argparse.Namespace) -> int:
         if not files:
             print("nothing in quarantine matches")
             return 0
-        question = f"delete {len(files)} quarantined files from {storage.path} for good?"
+        question = f"delete {len(files)} quarantined files from {location(storage)} for good?"
         if not confirm(question, args.yes):
             print("nothing done")
             return 1

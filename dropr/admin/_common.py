@@ -8,11 +8,12 @@ import os
 import re
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
 from dropr.client._spool import default_spool_path
 from dropr.errors import DroprError
-from dropr.storage.files._storage import FilesystemStorage
+from dropr.interfaces import IStorage
+from dropr.storage._spec import open_store, redact, spec_kind, spec_path
 
 _AGE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*\Z")
 _AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -32,18 +33,18 @@ def age(text: str) -> float:
     return float(m.group(1)) * _AGE_UNITS[m.group(2)]
 
 
+#: What ``--store`` accepts, for the help texts.
+STORE_HELP = "store of a dropr-server: a directory, sqlite:///path or postgresql://…"
+
+
 def add_where(parser: argparse.ArgumentParser, store_only: bool = False) -> None:
-    """``--spool DIR`` / ``--store DIR`` (or only ``--store``)."""
+    """``--spool DIR`` / ``--store SPEC`` (or only ``--store``)."""
     if store_only:
-        parser.add_argument(
-            "--store",
-            metavar="DIR",
-            help="store directory of a dropr-server (default $DROPR_STORE)",
-        )
+        parser.add_argument("--store", metavar="SPEC", help=STORE_HELP + " (default $DROPR_STORE)")
         return
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--spool", metavar="DIR", help="spool directory (default $DROPR_SPOOL)")
-    where.add_argument("--store", metavar="DIR", help="store directory of a dropr-server")
+    where.add_argument("--store", metavar="SPEC", help=STORE_HELP)
 
 
 def where(args: argparse.Namespace, store_only: bool = False) -> tuple[str, str]:
@@ -51,22 +52,35 @@ def where(args: argparse.Namespace, store_only: bool = False) -> tuple[str, str]
     if store_only:
         path = args.store or os.environ.get("DROPR_STORE")
         if not path:
-            raise UsageProblem("give --store DIR (or set $DROPR_STORE)")
+            raise UsageProblem("give --store SPEC (or set $DROPR_STORE)")
         return path, "store"
     if args.store:
         return args.store, "store"
     return args.spool or default_spool_path(), "spool"
 
 
-def open_storage(args: argparse.Namespace, store_only: bool = False) -> FilesystemStorage:
+def open_storage(args: argparse.Namespace, store_only: bool = False) -> IStorage:
     """The spool or store the arguments name; it must exist (none is made)."""
-    path, kind = where(args, store_only)
-    if not os.path.isdir(os.path.join(path, "queues")):
-        raise UsageProblem(
-            f"no {kind} at {path}: give the --{kind} directory of a "
-            f"{'dropr-server' if kind == 'store' else 'producer and dropr-client'}"
+    spec, kind = where(args, store_only)
+    storage_kind = spec_kind(spec)
+    if storage_kind in ("files", "sqlite"):
+        path = spec_path(spec)
+        exists = (
+            os.path.isdir(os.path.join(path, "queues"))
+            if storage_kind == "files"
+            else os.path.isfile(path)
         )
-    return FilesystemStorage(path)
+        if not exists:
+            raise UsageProblem(
+                f"no {kind} at {redact(spec)}: give the --{kind} of a "
+                f"{'dropr-server' if kind == 'store' else 'producer and dropr-client'}"
+            )
+    return open_store(spec)
+
+
+def location(storage: IStorage) -> str:
+    """How to name ``storage`` to people: its path or redacted URL."""
+    return redact(str(getattr(storage, "path", None) or getattr(storage, "spec", "the store")))
 
 
 def encode_payload(payload: bytes, raw: bool) -> tuple[str, str]:
@@ -125,10 +139,3 @@ def confirm(question: str, yes: bool) -> bool:
     sys.stderr.flush()
     answer = sys.stdin.readline().strip().lower()
     return answer in ("y", "yes")
-
-
-def json_default(value: Any) -> Any:
-    """For ``json.dumps``: bytes as base64."""
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    raise TypeError(type(value).__name__)

@@ -1,8 +1,10 @@
 """The ``dropr`` command: look at and repair spools and stores; put and take from scripts.
 
-Each subcommand's work is in a module of its own: ``cli_messages`` (list,
-show, take, ack, fail), ``cli_repair`` (requeue, purge) and ``fsck``, over
-the plain functions of :mod:`dropr.admin._admin`.
+Each subcommand's work is in a module of its own: ``_cli_messages`` (list,
+show, take, ack, fail), ``_cli_repair`` (requeue, purge) and ``_fsck``, over
+the plain functions of :mod:`dropr.admin._admin`.  Stores are named by a
+spec (see :mod:`dropr.storage._spec`); only ``fsck`` is for the file system
+alone.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from dataclasses import asdict
 from dropr.admin import _admin as admin
 from dropr.admin import _cli_messages as cli_messages
 from dropr.admin import _cli_repair as cli_repair
-from dropr.admin._common import open_storage
+from dropr.admin._common import STORE_HELP, UsageProblem, location, open_storage
 from dropr.client._spool import Spool, default_spool_path
 from dropr.errors import DroprError
+from dropr.storage._spec import redact, spec_kind
 
 
 def _status(args: argparse.Namespace) -> int:
     kind = "channel" if args.store else "destination"
     storage = open_storage(args)
-    path = storage.path
+    path = location(storage)
     try:
         stats = storage.stats()
         quarantined = len(admin.quarantined(storage))
@@ -34,7 +37,7 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps({name: asdict(s) for name, s in stats.items()}, indent=2))
         return 0
     if quarantined:
-        print(f"{path}: {quarantined} files in quarantine/ (dropr purge quarantine --help)")
+        print(f"{path}: {quarantined} files in quarantine (dropr purge quarantine --help)")
     if not stats:
         print(f"{path}: empty")
         return 0
@@ -64,7 +67,14 @@ def _fsck(args: argparse.Namespace) -> int:
     from dropr.admin import _fsck as fsck
 
     kind = "store" if args.store else "spool"
-    report = fsck.check(args.store or args.spool or default_spool_path(), kind, not args.no_repair)
+    spec = args.store or args.spool or default_spool_path()
+    if spec_kind(spec) != "files":
+        raise UsageProblem(
+            f"fsck checks file-system spools and stores only; {redact(spec)} is a "
+            f"{spec_kind(spec)} store: use its own tools (sqlite3's PRAGMA integrity_check, "
+            "PostgreSQL's amcheck)"
+        )
+    report = fsck.check(spec, kind, not args.no_repair)
     print(report.to_json() if args.json else report.text())
     return report.exit_code
 
@@ -95,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     )
     where = status.add_mutually_exclusive_group()
     where.add_argument("--spool", metavar="DIR", help="spool directory (default $DROPR_SPOOL)")
-    where.add_argument("--store", metavar="DIR", help="store directory of a dropr-server")
+    where.add_argument("--store", metavar="SPEC", help=STORE_HELP)
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=_status)
 

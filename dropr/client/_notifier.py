@@ -16,10 +16,9 @@ from typing import Any
 
 from twisted.internet import abstract
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from dropr.client._notify import FIFO_NAME
-from dropr.interfaces import INotifier
+from dropr.errors import DroprError
 
 
 def ensure_fifo(spool_path: str) -> str:
@@ -29,14 +28,13 @@ def ensure_fifo(spool_path: str) -> str:
         os.mkfifo(path, 0o600)
     except FileExistsError:
         if not stat.S_ISFIFO(os.stat(path).st_mode):
-            raise RuntimeError(
+            raise DroprError(
                 f"{path} exists and is not a named pipe: remove it so dropr-client "
                 "can make its wake-up pipe there"
             ) from None
     return path
 
 
-@implementer(INotifier)
 class FifoNotifier(abstract.FileDescriptor):
     """Calls ``callback`` when producers poke the spool's pipe."""
 

@@ -7,28 +7,49 @@ order of a channel across batches.  When the destination cannot be reached
 the sender backs off exponentially, with jitter, and other destinations are
 not held up: each has its own sender.
 
-Spool operations run in a single-thread pool, so they happen in the order
-they were asked for and the reactor never waits on the disk.
+Spool operations run through ``run_on_disk`` (the daemon's single-thread
+pool), so they happen in the order they were asked for and the reactor never
+waits on the disk.  The decisions themselves are the plain functions of
+:mod:`dropr.client._sendpolicy`; this class wires them to an
+``ISpoolStorage``, an ``ITransport`` and an ``IReactorTime``, so tests drive
+it with a ``MemoryStorage``, a fake transport and a ``MemoryReactorClock``.
 """
 
 from __future__ import annotations
 
 import errno
-import random
+import random as _random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from dropr._message import Message
-from dropr.client._spool import Spool
+from dropr.client import _sendpolicy as policy
 from dropr.client._transport import BatchTooLarge
-from dropr.interfaces import SendResult
+from dropr.interfaces import ISpoolStorage, ITransport, SendResult
+
+#: Runs a spool operation off the reactor thread: ``run(f, *args)`` → Deferred.
+DiskRunner = Callable[..., "Deferred[Any]"]
+
+
+def thread_pool_runner(reactor: Any, pool: ThreadPool) -> DiskRunner:
+    """A ``DiskRunner`` on ``pool`` (give it one thread, so operations keep their order)."""
+
+    def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    return run
+
+
+def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """A ``DiskRunner`` that runs at once, in the caller's thread: for tests on fakes."""
+    return maybeDeferred(f, *args)
 
 
 class DestinationSender:
@@ -38,11 +59,11 @@ class DestinationSender:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: ISpoolStorage,
         destination: str,
-        transport: Any,
-        reactor: Any,
-        pool: ThreadPool,
+        transport: ITransport,
+        reactor: IReactorTime,
+        run_on_disk: DiskRunner,
         *,
         max_batch: int = 1000,
         max_batch_bytes: int = 8 * 1024 * 1024,
@@ -50,19 +71,21 @@ class DestinationSender:
         backoff_base: float = 0.5,
         backoff_cap: float = 60.0,
         clock: Callable[[], float] = time.time,
+        random: Callable[[], float] = _random.random,
         on_batch: Callable[[DestinationSender, int, int, int], None] | None = None,
     ) -> None:
         self.spool = spool
         self.destination = destination
         self.transport = transport
         self.reactor = reactor
-        self.pool = pool
+        self._disk = run_on_disk
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
         self.max_age = max_age
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self._clock = clock
+        self._random = random
         self.on_batch = on_batch
         #: "idle", "running" or "backoff"
         self.state = "idle"
@@ -80,9 +103,6 @@ class DestinationSender:
         self._retry: IDelayedCall | None = None
         #: Messages this sender took and has not yet acked, failed or released.
         self._held: dict[str, Message] = {}
-
-    def _disk(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(self.reactor, self.pool, f, *args)
 
     def wake(self, force: bool = False) -> None:
         """Send what waits now; ``force`` also cuts a backoff short."""
@@ -178,28 +198,19 @@ class DestinationSender:
 
     async def _prepare(self, batch: list[Message]) -> list[Message]:
         """Fail what is too old and keep the batch within the byte limit."""
-        now = self._clock()
-        too_old = [m for m in batch if now - m.created > self.max_age]
+        batch, too_old = policy.split_too_old(batch, self._clock(), self.max_age)
         if too_old:
-            await self._settle(
-                self.spool.fail,
-                too_old,
-                f"not delivered to {self.destination} within the maximum age of "
-                f"{self.max_age:.0f} s",
-            )
+            reason = policy.too_old_reason(self.destination, self.max_age)
+            await self._settle(self.spool.fail, too_old, reason)
             self.failed += len(too_old)
-            batch = [m for m in batch if now - m.created <= self.max_age]
-        size = 0
-        for n, m in enumerate(batch):
-            size += len(m.payload)
-            if size > self.max_batch_bytes and n > 0:
-                await self._settle(self.spool.release, batch[n:])
-                return batch[:n]
+        batch, give_back = policy.trim_to_bytes(batch, self.max_batch_bytes)
+        if give_back:
+            await self._settle(self.spool.release, give_back)
         return batch
 
     async def _deliver(self, batch: list[Message]) -> str:
         """Send one batch: "sent", "again" (send anew at once) or "backoff"."""
-        started = time.monotonic()
+        started = self.reactor.seconds()
         try:
             self._send_d = self.transport.send(self.destination, batch)
             results: Sequence[SendResult] = await self._send_d
@@ -214,58 +225,45 @@ class DestinationSender:
             return "backoff"
         finally:
             self._send_d = None
-        by_id = {m.id: m for m in batch}
-        stored = [by_id[r.id] for r in results if r.stored]
-        refused: dict[str, list[Message]] = {}
-        retry = []
-        for r in results:
-            if r.stored:
-                continue
-            if r.permanent:
-                refused.setdefault(r.reason, []).append(by_id[r.id])
-            else:
-                retry.append(by_id[r.id])
+        answer = policy.sort_answer(batch, results)
         # Queued on the one disk thread, these run before any later take.
-        if stored:
-            self._settle_later(self.spool.ack, stored)
-        for reason, group in refused.items():
+        if answer.stored:
+            self._settle_later(self.spool.ack, answer.stored)
+        for reason, group in answer.refused.items():
             self._settle_later(self.spool.fail, group, reason)
-        if retry:
-            self._settle_later(self.spool.release, retry)
-        failed = sum(len(g) for g in refused.values())
+        if answer.retry:
+            self._settle_later(self.spool.release, answer.retry)
         self.sent += len(batch)
         self.sent_bytes += sum(len(m.payload) for m in batch)
-        self.stored += len(stored)
-        self.failed += failed
-        if stored or failed:
+        self.stored += len(answer.stored)
+        self.failed += answer.failed
+        if answer.stored or answer.failed:
             # Progress: the next trouble starts the backoff from its first step.
             self.failures = 0
-        self.last_batch_seconds = time.monotonic() - started
+        self.last_batch_seconds = self.reactor.seconds() - started
         # One line per batch: the ids are fields (JSON logs keep them), not text.
         self.log.info(
             "sent {count} to {destination}: {stored} stored, {failed} failed, "
             "{retry} to retry in {ms:.1f} ms",
             count=len(batch),
             destination=self.destination,
-            stored=len(stored),
-            failed=failed,
-            retry=len(retry),
+            stored=len(answer.stored),
+            failed=answer.failed,
+            retry=len(answer.retry),
             ms=self.last_batch_seconds * 1000,
             ids=[m.id for m in batch],
-            failed_ids={reason: [m.id for m in group] for reason, group in refused.items()},
+            failed_ids={reason: [m.id for m in group] for reason, group in answer.refused.items()},
         )
         if self.on_batch is not None:
-            self.on_batch(self, len(stored), failed, len(retry))
-        if retry:
-            if not stored and not failed:
-                self._back_off("the server stored none of the batch")
-                return "backoff"
-            return "again"
-        return "sent"
+            self.on_batch(self, len(answer.stored), answer.failed, len(answer.retry))
+        step = policy.next_step(answer)
+        if step is policy.Next.BACKOFF:
+            self._back_off("the server stored none of the batch")
+        return step.value
 
     async def _too_large(self, batch: list[Message], reason: str) -> None:
         if len(batch) > 1:
-            self.max_batch = max(1, len(batch) // 2)
+            self.max_batch = policy.smaller_batch(len(batch))
             self.log.warn(
                 "{destination} refused a batch of {count} as too large ({reason}); "
                 "sending at most {limit} per batch",
@@ -283,8 +281,9 @@ class DestinationSender:
         self.failures += 1
         self.errors += 1
         self.last_error = reason
-        delay = min(self.backoff_cap, self.backoff_base * 2 ** (self.failures - 1))
-        delay *= random.uniform(0.5, 1.0)
+        delay = policy.backoff_delay(
+            self.failures, self.backoff_base, self.backoff_cap, self._random
+        )
         self.log.warn(
             "cannot deliver to {destination} ({reason}); retry {n} in {delay:.1f} s",
             destination=self.destination,

@@ -24,7 +24,7 @@ from dropr._message import (
 from dropr.client._notify import poke
 from dropr.errors import StorageFull
 from dropr.interfaces import QueueStats
-from dropr.storage.files._storage import FilesystemStorage
+from dropr.storage import FilesystemStorage
 
 #: Where ``put()`` spools when neither its argument nor ``$DROPR_SPOOL`` says.
 DEFAULT_SPOOL = "/var/spool/dropr"

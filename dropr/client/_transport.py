@@ -15,15 +15,16 @@ from zope.interface import implementer
 
 from dropr._message import Message
 from dropr.daemon._auth import Credentials, sign_request
+from dropr.errors import DroprError
 from dropr.interfaces import ITransport, SendResult
 from dropr.wire import CONTENT_TYPE, WireError, decode_answer, encode_batch
 
 
-class DestinationUnavailable(Exception):
+class DestinationUnavailable(DroprError):
     """The destination could not take the batch now; retry later."""
 
 
-class BatchTooLarge(Exception):
+class BatchTooLarge(DroprError):
     """The destination refused the request as too large; send fewer messages."""
 
 

@@ -9,23 +9,23 @@ from twisted.application import service, strports
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from dropr._message import validate_destination
 from dropr.client._notifier import FifoNotifier
-from dropr.client._sender import DestinationSender
+from dropr.client._sender import DestinationSender, DiskRunner, thread_pool_runner
 from dropr.client._spool import Spool, default_spool_path
 from dropr.client._transport import HTTPTransport
 from dropr.daemon import logs as logs
 from dropr.daemon._auth import CredentialsError, check_not_world_writable, load_client_credentials
+from dropr.daemon._options import log_format, size
 from dropr.daemon._tls import TLSConfigError, client_policy
 from dropr.errors import InvalidMessage, StorageLocked
+from dropr.interfaces import ISpoolStorage, ITransport
 from dropr.monitoring._metrics import ClientMetrics, StatsReader
 from dropr.monitoring._statuspage import client_site
-from dropr.server.tap import _log_format, _size
 
 
 class Options(usage.Options):
@@ -40,7 +40,7 @@ class Options(usage.Options):
         ["spool", "s", None, "Spool directory (default $DROPR_SPOOL, else /var/spool/dropr)."],
         ["rescan", None, 5.0, "Seconds between rescans of the spool (a fallback).", float],
         ["max-batch", None, 1000, "Most messages in one request.", int],
-        ["max-batch-bytes", None, 8 * 1024 * 1024, "Most payload bytes in one request.", _size],
+        ["max-batch-bytes", None, 8 * 1024 * 1024, "Most payload bytes in one request.", size],
         ["max-age", None, 6 * 86400.0, "Seconds before an undelivered message fails.", float],
         ["connect-timeout", None, 10.0, "Seconds to wait for a connection.", float],
         ["timeout", None, 60.0, "Seconds to wait for a server's answer.", float],
@@ -56,7 +56,7 @@ class Options(usage.Options):
             None,
             "text",
             "Log lines as text, or json (one JSON object per line).",
-            _log_format,
+            log_format,
         ],
         ["credentials", None, None, "File with this client's identity and secret (owner-only)."],
         ["ca-file", None, None, "PEM file of the CAs to trust for https (default: the system's)."],
@@ -84,14 +84,18 @@ class ClientService(service.MultiService):
     #: The log observer twistd is to use (--log-format), or None for its own.
     log_observer: logs.JSONLinesObserver | None = None
 
-    def __init__(self, spool: Spool, transport: HTTPTransport, reactor: Any, options: Any) -> None:
+    def __init__(self, spool: Spool, transport: ITransport, reactor: Any, options: Any) -> None:
         super().__init__()
         self.spool = spool
+        #: What the senders and rescans use of the spool: its interface only.
+        self.storage: ISpoolStorage = spool.storage
         self.transport = transport
         self.reactor = reactor
         self.options = options
         self.senders: dict[str, DestinationSender] = {}
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="dropr-spool")
+        # One thread: spool operations run in the order they were asked for.
+        self.run_on_disk: DiskRunner = thread_pool_runner(reactor, self.pool)
         self.notifier: FifoNotifier | None = None
         self._rescan = LoopingCall(self._rescan_safely)
         self._rescan.clock = reactor
@@ -117,14 +121,14 @@ class ClientService(service.MultiService):
             self.log.failure("rescan of {spool} failed", spool=self.spool.path)
         # Keep the spool's usage figures fresh for producers (their limit
         # checks read them instead of walking the spool themselves).
-        d = deferToThreadPool(self.reactor, self.pool, self.spool.storage.count_usage)
+        d = self.run_on_disk(self.storage.count_usage)
         d.addErrback(
             lambda f: self.log.failure("counting {spool} failed", f, spool=self.spool.path)
         )
 
     def wake_all(self, force: bool = False) -> None:
         """Find destinations in the spool and wake their senders."""
-        for destination in self.spool.storage.queue_names():
+        for destination in self.storage.queue_names():
             sender = self.senders.get(destination)
             if sender is None:
                 if destination in self._bad_queues:
@@ -141,11 +145,11 @@ class ClientService(service.MultiService):
     def _sender(self, destination: str) -> DestinationSender:
         o = self.options
         return DestinationSender(
-            self.spool,
+            self.storage,
             destination,
             self.transport,
             self.reactor,
-            self.pool,
+            self.run_on_disk,
             max_batch=o["max-batch"],
             max_batch_bytes=o["max-batch-bytes"],
             max_age=o["max-age"],

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
 
+from dropr.errors import DroprError
+
 SCHEME = "dropr-hmac-v1"
 CLIENT_HEADER = "X-Dropr-Client"
 TIMESTAMP_HEADER = "X-Dropr-Timestamp"
@@ -62,11 +64,11 @@ _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}\Z")
 _SIGNATURE_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
 
 
-class AuthError(Exception):
+class AuthError(DroprError):
     """A request that is not authenticated: answered 401, nothing stored."""
 
 
-class CredentialsError(Exception):
+class CredentialsError(DroprError):
     """A credentials file that cannot be used; the daemon does not start."""
 
 

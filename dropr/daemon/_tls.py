@@ -16,13 +16,14 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from dropr.daemon._auth import CredentialsError, check_private_file
+from dropr.errors import DroprError
 
 _PEM_CERT_RE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
 
 
-class TLSConfigError(Exception):
+class TLSConfigError(DroprError):
     """A TLS setting that cannot be used; the daemon does not start."""
 
 

@@ -112,7 +112,7 @@ def observer_for(log_format: str, twistd_options: Any) -> JSONLinesObserver | No
             reactor.callFromThread(out.rotate)  # type: ignore[attr-defined]
 
         signal.signal(signal.SIGUSR1, rotate)
-    return JSONLinesObserver(out)  # type: ignore[arg-type]
+    return JSONLinesObserver(out)
 
 
 def attach(parent: Any, observer: JSONLinesObserver | None) -> None:

@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from dropr.interfaces import QueueStats
-from dropr.storage.files._storage import FilesystemStorage
+from dropr.interfaces import IStorage, QueueStats
+from dropr.storage._spec import open_store
 
 if TYPE_CHECKING:
     from dropr.client._sender import DestinationSender
@@ -197,22 +197,23 @@ class StatsCache:
 
 
 class StatsReader:
-    """``stats()`` of the spool or store at ``path``, from a storage opened for that alone.
+    """``stats()`` of the spool or store ``spec`` names, from a storage opened for that alone.
 
     A daemon's own storage object serialises its work under one lock; a
     walk for the metrics there would hold up adds and takes.  Opened on
-    first use (in a thread), closed with the daemon.
+    first use (in a thread) with :func:`~dropr.storage._spec.open_store`,
+    closed with the daemon.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._storage: FilesystemStorage | None = None
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self._storage: IStorage | None = None
         self._lock = threading.Lock()
 
     def __call__(self) -> dict[str, QueueStats]:
         with self._lock:
             if self._storage is None:
-                self._storage = FilesystemStorage(self.path)
+                self._storage = open_store(self.spec)
             return self._storage.stats()
 
     def close(self) -> None:

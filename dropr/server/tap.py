@@ -22,33 +22,14 @@ from dropr.daemon._auth import (
     check_not_world_writable,
     load_server_credentials,
 )
+from dropr.daemon._options import log_format as _log_format
+from dropr.daemon._options import size as _size
 from dropr.daemon._tls import TLSConfigError, check_endpoint_key, is_local_endpoint
 from dropr.errors import StorageLocked
 from dropr.monitoring._metrics import ServerMetrics, StatsReader
 from dropr.monitoring._statuspage import MonitoringRoot, server_pages
 from dropr.server._receiver import Limits, ReceiverResource, make_site
 from dropr.storage.files._storage import FilesystemStorage
-
-
-def _size(text: str) -> int:
-    """``"64M"`` → 67108864; plain digits are bytes."""
-    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    factor = units.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in units else text
-    try:
-        value = int(float(number) * factor)
-    except ValueError:
-        raise usage.UsageError(f"not a size: {text!r} (use e.g. 1048576, 512K, 64M, 2G)") from None
-    if value < 0:
-        raise usage.UsageError(f"a size cannot be negative: {text!r}")
-    return value
-
-
-def _log_format(text: str) -> str:
-    if text not in logs.FORMATS:
-        raise usage.UsageError(f"--log-format must be one of {', '.join(logs.FORMATS)}")
-    return text
 
 
 class Options(usage.Options):

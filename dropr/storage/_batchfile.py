@@ -1,4 +1,9 @@
-"""The batch file: the unit of durability of the file-system storage.
+"""The record codec, and the batch file: the unit of durability of the file-system storage.
+
+The same framed records are the body of a batch request on the wire
+(:mod:`dropr.wire`, with the destination left empty) and the content of a
+batch file, so a server can write what it received as it is.  This module
+is the one place that writes and frames them.
 
 One ``add()`` writes one batch file per queue and priority, synced once.
 Layout (all integers big-endian)::
@@ -30,13 +35,19 @@ import struct
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from dropr._message import Message
+from dropr.errors import DroprError
 
 MAGIC = b"DROPRB1\n"
 SUFFIX = ".b"
-_FRAME = struct.Struct(">I")
-_HEAD = struct.Struct(">16sBBH")
+#: A record's length and its CRC-32 frame its body.
+FRAME = struct.Struct(">I")
+#: The fixed head of a record body: id, priority, channel and destination lengths.
+HEAD = struct.Struct(">16sBBH")
+_FRAME = FRAME
+_HEAD = HEAD
 #: Largest record body accepted on read (payload limit plus headroom).
 MAX_BODY = 256 * 1024 * 1024
 _NAME_RE = re.compile(r"([0-9a-f]{32})-([0-9]{1,9})-([0-9]{1,15})\.b\Z")
@@ -62,8 +73,12 @@ class BatchName:
         return cls(m.group(1), int(m.group(2)), int(m.group(3)))
 
 
-def encode(messages: Sequence[Message]) -> list[bytes]:
-    """The chunks of a batch file holding ``messages``, in order."""
+def encode(messages: Sequence[Message], destinations: bool = True) -> list[bytes]:
+    """The chunks of a batch holding ``messages``, in order: the magic, then a record each.
+
+    ``destinations=False`` leaves each record's destination empty, as a
+    request body and a server's store have it.
+    """
     chunks = [MAGIC]
     append = chunks.append
     pack_head = _HEAD.pack
@@ -71,13 +86,49 @@ def encode(messages: Sequence[Message]) -> list[bytes]:
     crc32 = zlib.crc32
     for m in messages:
         channel = m.channel.encode("ascii")
-        destination = (m.destination or "").encode("ascii")
+        destination = (m.destination or "").encode("ascii") if destinations else b""
         head = pack_head(bytes.fromhex(m.id), m.priority, len(channel), len(destination))
         body = b"".join((head, channel, destination, m.payload))
         append(pack_frame(len(body)))
         append(body)
         append(pack_frame(crc32(body)))
     return chunks
+
+
+class FrameError(DroprError):
+    """A record that cannot be framed: where, and which of the ``KINDS`` of damage."""
+
+    KINDS = ("truncated-length", "impossible-length", "too-long", "truncated", "checksum")
+
+    def __init__(self, kind: str, pos: int, length: int = 0) -> None:
+        super().__init__(kind, pos, length)
+        self.kind = kind
+        self.pos = pos
+        self.length = length
+
+
+def frame_at(data: bytes | Any, pos: int, end: int, max_body: int) -> tuple[int, int]:
+    """``(body_start, body_end)`` of the record at ``pos``, its length and CRC checked.
+
+    Raises :class:`FrameError` for a record cut short, of an impossible or
+    too large length (more than ``max_body``), or whose checksum does not
+    match.  The next record starts at ``body_end + 4``.
+    """
+    if pos + 4 > end:
+        raise FrameError("truncated-length", pos)
+    (length,) = _FRAME.unpack_from(data, pos)
+    if length < _HEAD.size:
+        raise FrameError("impossible-length", pos, length)
+    if length > max_body:
+        raise FrameError("too-long", pos, length)
+    body_start = pos + 4
+    body_end = body_start + length
+    if body_end + 4 > end:
+        raise FrameError("truncated", pos, length)
+    (crc,) = _FRAME.unpack_from(data, body_end)
+    if zlib.crc32(memoryview(data)[body_start:body_end]) != crc:
+        raise FrameError("checksum", pos, length)
+    return body_start, body_end
 
 
 @dataclass(slots=True)
@@ -101,26 +152,15 @@ def decode(data: bytes, receipt: Callable[[int], object] | None = None) -> Decod
     append = messages.append
     pos = len(MAGIC)
     end = len(data)
-    view = memoryview(data)
-    unpack_frame = _FRAME.unpack_from
     unpack_head = _HEAD.unpack_from
-    crc32 = zlib.crc32
     names: dict[bytes, str | None] = {b"": None}
     head_size = _HEAD.size
     index = 0
     while pos < end:
-        if pos + 4 > end:
-            return Decoded(messages, f"truncated record length at byte {pos}")
-        (length,) = unpack_frame(data, pos)
-        if length < head_size or length > MAX_BODY:
-            return Decoded(messages, f"impossible record length {length} at byte {pos}")
-        body_start = pos + 4
-        body_end = body_start + length
-        if body_end + 4 > end:
-            return Decoded(messages, f"truncated record at byte {pos}")
-        (crc,) = unpack_frame(data, body_end)
-        if crc32(view[body_start:body_end]) != crc:
-            return Decoded(messages, f"checksum mismatch in record at byte {pos}")
+        try:
+            body_start, body_end = frame_at(data, pos, end, MAX_BODY)
+        except FrameError as e:
+            return Decoded(messages, _DAMAGE[e.kind].format(pos=pos, length=e.length))
         raw_id, priority, clen, dlen = unpack_head(data, body_start)
         p = body_start + head_size
         if p + clen + dlen > body_end:
@@ -150,6 +190,15 @@ def decode(data: bytes, receipt: Callable[[int], object] | None = None) -> Decod
         index += 1
         pos = body_end + 4
     return Decoded(messages)
+
+
+_DAMAGE = {
+    "truncated-length": "truncated record length at byte {pos}",
+    "impossible-length": "impossible record length {length} at byte {pos}",
+    "too-long": "impossible record length {length} at byte {pos}",
+    "truncated": "truncated record at byte {pos}",
+    "checksum": "checksum mismatch in record at byte {pos}",
+}
 
 
 def _ascii(raw: bytes) -> str | None:

@@ -127,7 +127,7 @@ def migrate(conn: Connection[tuple[Any, ...]], schema: str) -> int:
         )
     for version, ddl in MIGRATIONS:
         if version > found:
-            conn.execute(ddl)  # type: ignore[arg-type]  # our own constant text
+            conn.execute(ddl)  # our own constant text
     if found < SCHEMA_VERSION:
         conn.execute("DELETE FROM schema_version")
         conn.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))

@@ -20,7 +20,9 @@ in ``_pgschema`` and docs/storages.rst.
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,9 +37,23 @@ from zope.interface import implementer
 
 from dropr._ids import id_millis, id_time
 from dropr._message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
-from dropr.errors import InvalidMessage, StorageFull, StorageUnavailable, UnknownMessage
-from dropr.interfaces import IReceivingStore, IStorage, IUsage, IWakeSource, QueueStats
+from dropr.errors import (
+    InvalidMessage,
+    StorageClosed,
+    StorageFull,
+    StorageUnavailable,
+    UnknownMessage,
+)
+from dropr.interfaces import (
+    IMessageAdmin,
+    IReceivingStore,
+    IStorage,
+    IUsage,
+    IWakeSource,
+    QueueStats,
+)
 from dropr.storage import _pgschema as schema_
+from dropr.storage._pgadmin import CLAIM_BITS, PostgresAdmin
 from dropr.storage._pgwatch import Watcher
 from dropr.storage._spec import redact
 from dropr.storage.files._storage import validate_queue
@@ -110,8 +126,8 @@ def _uuid(message_id: str) -> uuid.UUID:
     return uuid.UUID(hex=message_id)
 
 
-@implementer(IStorage, IUsage, IReceivingStore, IWakeSource)
-class PostgresStorage:
+@implementer(IStorage, IUsage, IReceivingStore, IWakeSource, IMessageAdmin)
+class PostgresStorage(PostgresAdmin):
     """Durable queues in a PostgreSQL database; see the module docstring.
 
     :param spec: a libpq URL (``postgresql://user@host:port/dbname``);
@@ -169,29 +185,22 @@ class PostgresStorage:
         # Receipts point at this object, never at id(self), which a later
         # storage may reuse.
         self._token = object()
+        # Claims carry the owner, so a listing can tell whose lease a row is.
+        self._owner_number = int.from_bytes(os.urandom(4), "big")
+        #: The lease owner of this object's takes (IMessageAdmin).
+        self.owner = f"{self._owner_number:08x}"
+        self._takes = itertools.count(1)
         self._closed = False
         self._days: set[int] = set()
         self._days_checked = float("-inf")
         self._watchers: list[Watcher] = []
         self._channels: tuple[float, int] | None = None
         self._notify_channel = f"dropr_{self.schema}"
-        ident = sql.Identifier(self.schema)
-
-        def configure(conn: Conn) -> None:
-            conn.execute(sql.SQL("SET search_path TO {}").format(ident))
-            conn.commit()
-
-        self._pool: ConnectionPool[Conn] = ConnectionPool(
-            spec,
-            min_size=1,
-            max_size=max(1, pool_size),
-            kwargs={"connect_timeout": max(1, round(connect_timeout)), "application_name": "dropr"},
-            configure=configure,
-            timeout=connect_timeout,
-            reconnect_timeout=float("inf"),
-            name=f"dropr-{self.schema}",
-            open=False,
-        )
+        self._pool_size = max(1, pool_size)
+        self._connect_timeout = connect_timeout
+        self._pool_lock = threading.Lock()
+        self._pool_pid = -1
+        self._pool_instance: ConnectionPool[Conn] | None = None
         # A connection of its own first, so a wrong password or host is
         # reported as libpq says it, not as a pool that timed out.
         try:
@@ -201,7 +210,6 @@ class PostgresStorage:
                 schema_.migrate(conn, self.schema)
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
             raise self._unavailable(e) from None
-        self._pool.open(wait=False)
 
     # -- connections and transactions ---------------------------------------------------
 
@@ -215,6 +223,42 @@ class PostgresStorage:
             "the database is back (a retried store never stores twice)"
         )
 
+    @property
+    def _pool(self) -> ConnectionPool[Conn]:
+        """The connection pool of this process, made on first use.
+
+        Not made in ``__init__``: twistd forks to daemonize after the store is
+        opened, and the pool's worker threads do not survive a fork.  A pool
+        inherited from a parent process is left alone (its sockets are the
+        parent's) and a new one made.
+        """
+        pool = self._pool_instance
+        if pool is not None and self._pool_pid == os.getpid():
+            return pool
+        with self._pool_lock:
+            if self._pool_instance is None or self._pool_pid != os.getpid():
+                ident = sql.Identifier(self.schema)
+
+                def configure(conn: Conn) -> None:
+                    conn.execute(sql.SQL("SET search_path TO {}").format(ident))
+                    conn.commit()
+
+                timeout = self._connect_timeout
+                self._pool_instance = ConnectionPool(
+                    self.spec,
+                    min_size=1,
+                    max_size=self._pool_size,
+                    kwargs={"connect_timeout": max(1, round(timeout)), "application_name": "dropr"},
+                    configure=configure,
+                    timeout=timeout,
+                    reconnect_timeout=float("inf"),
+                    name=f"dropr-{self.schema}",
+                    open=False,
+                )
+                self._pool_instance.open(wait=False)
+                self._pool_pid = os.getpid()
+            return self._pool_instance
+
     @contextmanager
     def _transaction(self, sync: bool = True) -> Iterator[Conn]:
         """One transaction on a pooled connection, committed on leaving.
@@ -223,7 +267,7 @@ class PostgresStorage:
         whose loss only hands a message out again (take, release).
         """
         if self._closed:
-            raise ValueError(f"storage {self.where} is closed")
+            raise StorageClosed(f"storage {self.where} is closed: open it again to use it")
         try:
             with self._pool.connection() as conn:
                 if not sync:
@@ -267,7 +311,8 @@ class PostgresStorage:
         self._closed = True
         for w in self._watchers:
             w.stop()
-        self._pool.close()
+        if self._pool_instance is not None and self._pool_pid == os.getpid():
+            self._pool_instance.close()
 
     def __enter__(self) -> PostgresStorage:
         return self
@@ -421,7 +466,9 @@ class PostgresStorage:
             return []
         lease_s = self.default_lease if lease is None else lease
         now_ms = int(self._clock() * 1000)
-        claim = int.from_bytes(os.urandom(7), "big")
+        # Tells this claim from a later one of the same row (see release).
+        takes = next(self._takes) % (1 << CLAIM_BITS)
+        claim = (self._owner_number << CLAIM_BITS) | takes
 
         def work(conn: Conn) -> list[tuple[Any, ...]]:
             return conn.execute(
@@ -446,6 +493,9 @@ class PostgresStorage:
             )
             for seq, msg_id, priority, channel, destination, payload in rows
         ]
+
+    def _receipt(self, seq: int, claim: int) -> _Receipt:
+        return _Receipt(self._token, seq, claim)
 
     def _receipts(self, messages: Iterable[Message]) -> list[_Receipt]:
         """The receipts of ``messages``; raise before any change if one is foreign."""

@@ -29,7 +29,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,8 +37,22 @@ from zope.interface import implementer
 
 from dropr._ids import id_millis, id_time
 from dropr._message import DEFAULT_MAX_PAYLOAD, Message
-from dropr.errors import DroprError, InvalidMessage, StorageFull, StorageLocked, UnknownMessage
-from dropr.interfaces import IStorage, QueueStats
+from dropr.errors import (
+    DroprError,
+    InvalidMessage,
+    StorageClosed,
+    StorageFull,
+    StorageLocked,
+    UnknownMessage,
+)
+from dropr.interfaces import (
+    FailedMessage,
+    IMessageAdmin,
+    IStorage,
+    OpenMessage,
+    QueueStats,
+    SetAside,
+)
 from dropr.storage.files._durable import fsync_dir
 from dropr.storage.files._storage import validate_queue
 
@@ -108,7 +122,11 @@ def _chunks(items: Sequence[int]) -> Iterator[Sequence[int]]:
         yield items[i : i + _CHUNK]
 
 
-@implementer(IStorage)
+#: A claim is this object's owner number, shifted, plus a count of its takes.
+_CLAIM_BITS = 24
+
+
+@implementer(IStorage, IMessageAdmin)
 class SQLiteStorage:
     """Durable queues in one SQLite database (WAL mode); see the module docstring.
 
@@ -159,6 +177,11 @@ class SQLiteStorage:
         # Receipts point at this object, not at id(self): an id can be reused
         # by a later storage once this one is gone.
         self._token = object()
+        # Claims carry the owner, so a listing can tell whose lease a row is.
+        self._owner_number = int.from_bytes(os.urandom(4), "big")
+        #: The lease owner of this object's takes (IMessageAdmin).
+        self.owner = f"{self._owner_number:08x}"
+        self._takes = 0
         self._mutex = threading.RLock()
         self._closed = False
         self._lock_fd = -1
@@ -244,7 +267,7 @@ class SQLiteStorage:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError(f"storage {self.path} is closed")
+            raise StorageClosed(f"storage {self.path} is closed: open it again")
 
     def _set_synchronous(self, level: str) -> None:
         # A per-connection setting that SQLite reads at each commit; it can
@@ -273,9 +296,6 @@ class SQLiteStorage:
             raise
 
     # -- adding ------------------------------------------------------------------
-
-    # IStorage types messages as ``object``; the methods here take and give
-    # ``Message`` like FilesystemStorage's, hence the ``override`` ignores.
 
     def add(self, queue: str, messages: Sequence[Message]) -> list[str]:
         """Store ``messages`` in ``queue``, durably; see ``IStorage.add``."""
@@ -364,7 +384,7 @@ class SQLiteStorage:
 
     # -- taking and settling ------------------------------------------------------------
 
-    def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:  # type: ignore[override]
+    def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:
         """Claim up to ``limit`` messages of ``queue``; see ``IStorage.take``."""
         validate_queue(queue)
         if limit < 1:
@@ -375,7 +395,8 @@ class SQLiteStorage:
             now_ms = int(self._clock() * 1000)
             expiry = now_ms + int(lease_s * 1000)
             # Tells this claim from a later one of the same row (see release).
-            claim = int.from_bytes(os.urandom(7), "big")
+            self._takes = (self._takes + 1) % (1 << _CLAIM_BITS)
+            claim = (self._owner_number << _CLAIM_BITS) | self._takes
             # Not synced: a take lost to a power loss only frees the message.
             with self._transaction(sync=False) as db:
                 rows = db.execute(
@@ -414,7 +435,7 @@ class SQLiteStorage:
             receipts.append(r)
         return receipts
 
-    def ack(self, messages: Iterable[Message]) -> None:  # type: ignore[override]
+    def ack(self, messages: Iterable[Message]) -> None:
         """Forget taken ``messages``; durable on return when ``sync_acks``.
 
         Acking a message twice, or one whose lease ran out and that someone
@@ -426,7 +447,7 @@ class SQLiteStorage:
             with self._transaction(sync=self.sync_acks) as db:
                 db.executemany("DELETE FROM messages WHERE seq = ?", [(r.seq,) for r in receipts])
 
-    def release(self, messages: Iterable[Message]) -> None:  # type: ignore[override]
+    def release(self, messages: Iterable[Message]) -> None:
         """Hand taken ``messages`` out again (no sync: a lost release only delays)."""
         receipts = self._receipts(messages)
         with self._mutex:
@@ -440,7 +461,7 @@ class SQLiteStorage:
                     [(r.seq, r.claim) for r in receipts],
                 )
 
-    def fail(self, messages: Iterable[Message], reason: str) -> None:  # type: ignore[override]
+    def fail(self, messages: Iterable[Message], reason: str) -> None:
         """Move taken ``messages`` to the failed area with ``reason``, durably."""
         if not isinstance(reason, str) or not reason:
             raise InvalidMessage("fail() needs a reason: a short text saying what went wrong")
@@ -496,7 +517,7 @@ class SQLiteStorage:
             result[queue] = QueueStats(0, 0, 0.0, 0, count)
         return dict(sorted(result.items()))
 
-    def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:  # type: ignore[override]
+    def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:
         """Up to ``limit`` failed messages of ``queue`` with their reasons, oldest first."""
         validate_queue(queue)
         with self._mutex:
@@ -519,3 +540,91 @@ class SQLiteStorage:
             )
             for msg_id, priority, channel, destination, payload, reason in rows
         ]
+
+    # -- IMessageAdmin: for the dropr command ---------------------------------------------
+
+    def open_messages(self, queue: str, since: float = 0.0) -> Iterator[OpenMessage]:
+        """Waiting and taken messages of ``queue``, in delivery order."""
+        validate_queue(queue)
+        with self._mutex:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT seq, id, priority, channel, destination, payload, lease_until, claim "
+                "FROM messages WHERE queue = ? ORDER BY priority, seq",
+                (queue,),
+            ).fetchall()
+        for seq, msg_id, priority, channel, destination, payload, until, claim in rows:
+            message = Message(
+                id=msg_id,
+                payload=bytes(payload),
+                channel=channel,
+                priority=priority,
+                destination=destination,
+                receipt=_Receipt(self._token, seq, claim),
+            )
+            taken = claim is not None
+            yield OpenMessage(
+                message,
+                queue,
+                until / 1000.0 if taken else None,
+                f"{claim >> _CLAIM_BITS:08x}" if taken else None,
+                f"messages row {seq}",
+            )
+
+    def failed_messages(self, queue: str) -> Iterator[FailedMessage]:
+        """The failed area of ``queue``, oldest failure first."""
+        validate_queue(queue)
+        with self._mutex:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT seq, id, priority, channel, destination, payload, reason, failed_at "
+                "FROM failed WHERE queue = ? ORDER BY seq",
+                (queue,),
+            ).fetchall()
+        for seq, msg_id, priority, channel, destination, payload, reason, failed_at in rows:
+            message = Message(msg_id, bytes(payload), channel, priority, destination)
+            yield FailedMessage(message, queue, reason, failed_at, f"failed row {seq}")
+
+    def _move_failed(self, queue: str, ids: Collection[str], requeue: bool) -> list[str]:
+        validate_queue(queue)
+        wanted = sorted(set(ids))
+        moved: list[str] = []
+        with self._mutex:
+            self._check_open()
+            # One transaction: a message is in its queue or in the failed area.
+            with self._transaction(sync=True) as db:
+                for i in range(0, len(wanted), _CHUNK):
+                    chunk = wanted[i : i + _CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    where = f"FROM failed WHERE queue = ? AND id IN ({marks})"
+                    found = db.execute(f"SELECT DISTINCT id {where}", (queue, *chunk)).fetchall()
+                    if requeue:
+                        db.execute(
+                            "INSERT INTO messages (queue, id, priority, channel, destination, "
+                            "size, payload) SELECT queue, id, priority, channel, destination, "
+                            f"length(payload), payload {where} ORDER BY seq",
+                            (queue, *chunk),
+                        )
+                    db.execute(f"DELETE {where}", (queue, *chunk))
+                    moved.extend(row[0] for row in found)
+        return moved
+
+    def requeue_failed(self, queue: str, ids: Collection[str]) -> list[str]:
+        """Move failed messages back behind what waits in ``queue``, in one transaction."""
+        return self._move_failed(queue, ids, requeue=True)
+
+    def purge_failed(self, queue: str, ids: Collection[str]) -> list[str]:
+        """Delete failed messages for good."""
+        return self._move_failed(queue, ids, requeue=False)
+
+    def purge_processed(self, older_than: float, queue: str | None = None) -> int:
+        """Nothing to do: an ack deletes its rows at once."""
+        return 0
+
+    def set_aside(self) -> list[SetAside]:
+        """Nothing: SQLite keeps no unreadable pieces apart (see ``PRAGMA integrity_check``)."""
+        return []
+
+    def purge_set_aside(self, older_than: float) -> list[SetAside]:
+        """Nothing to delete."""
+        return []

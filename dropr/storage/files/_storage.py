@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from dropr._ids import advance_to, id_time, new_id
 from dropr._message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
-from dropr.errors import InvalidMessage, StorageFull, StorageLocked, UnknownMessage
+from dropr.errors import InvalidMessage, StorageClosed, StorageFull, StorageLocked, UnknownMessage
 from dropr.interfaces import IReceivingStore, ISpoolStorage, IStorage, IUsage, QueueStats
 from dropr.storage import _batchfile as batchfile
 from dropr.storage._batchfile import BatchName
@@ -1044,6 +1044,7 @@ class FilesystemStorage:
     def stats(self) -> dict[str, QueueStats]:
         """Figures for every queue; reads state logs, so it costs a walk."""
         with self._mutex:
+            self._check_open()
             result = {}
             now = self._clock()
             now_ms = int(now * 1000)
@@ -1225,4 +1226,4 @@ class FilesystemStorage:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError(f"storage {self.path} is closed")
+            raise StorageClosed(f"storage {self.path} is closed: open it again")
