@@ -381,3 +381,51 @@ def test_a_storage_error_names_what_to_do(url: str, pg_schema: str) -> None:
         PostgresStorage(url, schema="Robert'); DROP TABLE students;--")
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def run_dropr(*args: str) -> tuple[int, str]:
+    """The ``dropr`` command, in this process; its exit status and what it printed."""
+    import contextlib
+    import io
+
+    from dropr.admin.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            status = main(list(args))
+        except SystemExit as e:
+            status = int(e.code or 0)
+    return status, out.getvalue()
+
+
+def test_the_dropr_command_on_a_postgresql_store(pg_cluster: PgCluster) -> None:
+    """status, take, ack, fail, list, requeue and purge by spec, as on any store."""
+    pg_cluster.psql("template1", "CREATE DATABASE cli")
+    url = pg_cluster.url("cli")
+    s = PostgresStorage(url)
+    try:
+        sent = make(3, channel="orders")
+        s.store([("orders", sent)])
+        status, out = run_dropr("status", "--store", url)
+        assert status == 0
+        assert PASSWORD not in out
+        assert out.split("\n")[1].split()[:2] == ["orders", "3"]
+        status, out = run_dropr(
+            "take", "--store", url, "--channel", "orders", "--limit", "3", "--ids"
+        )
+        taken = out.split()
+        assert status == 0 and taken == [m.id for m in sent]
+        assert run_dropr("ack", "--store", url, taken[0])[0] == 0
+        assert run_dropr("fail", "--store", url, "--reason", "bad", taken[1])[0] == 0
+        status, out = run_dropr("list", "--store", url, "--json")
+        assert status == 0 and taken[1] in out and taken[0] not in out
+        assert run_dropr("requeue", "--store", url, "--yes", taken[1])[0] == 0
+        assert [m for m, _ in s.failed("orders")] == []
+        got = s.take("orders", 10, lease=60)  # sent[2] is still leased to the command
+        assert [m.id for m in got] == [sent[1].id]
+        s.fail(got, "bad again")
+        assert run_dropr("purge", "--store", url, "--yes", "failed", taken[1])[0] == 0
+        assert s.failed("orders") == []
+    finally:
+        s.close()
