@@ -1,11 +1,12 @@
-"""A dropr-server running inside the test's own reactor, on a real socket."""
+"""A dropr-server running inside the test's own reactor, on a real socket; and waiting on it."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor, task
 from twisted.python.threadpool import ThreadPool
 
 from dropr.daemon._auth import Authenticator
@@ -38,3 +39,16 @@ class Server:
         d = self.port.stopListening()
         d.addBoth(lambda _: (self.pool.stop(), self.storage.close()))
         return d
+
+
+def until(condition: Any, timeout: float = 10.0) -> defer.Deferred[None]:
+    """Fire when ``condition()`` holds, checking every 10 ms of real time (slow tests)."""
+    deadline = time.monotonic() + timeout
+
+    async def poll() -> None:
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError("condition not met in time")
+            await task.deferLater(reactor, 0.01, lambda: None)
+
+    return defer.ensureDeferred(poll())

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from inprocess import until
 from twisted.internet import defer, reactor, task
 
 import dropr
@@ -27,19 +28,6 @@ from dropr.testing import MemoryStorage, run_now
 
 def _messages(n: int, channel: str = "orders") -> list[Message]:
     return [Message(new_id(), b"m%d" % i, channel, 5) for i in range(n)]
-
-
-def _wait(condition: Any, timeout: float = 10.0) -> defer.Deferred[None]:
-    """Fire when ``condition()`` holds, checking every 10 ms (test helper only)."""
-    deadline = time.monotonic() + timeout
-
-    async def poll() -> None:
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError("condition not met")
-            await task.deferLater(reactor, 0.01, lambda: None)
-
-    return defer.ensureDeferred(poll())
 
 
 # -- in virtual time -------------------------------------------------------------------
@@ -94,13 +82,20 @@ def test_handler_failures_are_retried_then_failed_with_the_reason() -> None:
 def test_a_store_without_wake_source_is_polled(tmp_path: Path) -> None:
     storage = SQLiteStorage(str(tmp_path / "store.db"))
     seen: list[bytes] = []
-    consumer, clock = _consumer(storage, lambda m: seen.append(m.payload), poll=5)
+    clock = task.Clock()
+    # The consumer opens the store by spec, as dropr-server's --store names it.
+    store = dropr.Store(f"sqlite://{tmp_path}/store.db")
+    consumer = ChannelConsumer(
+        store, "orders", lambda m: seen.append(m.payload), clock, run_on_disk=run_now, poll=5
+    )
     consumer.startService()
     storage.add("orders", _messages(2))
     assert seen == []
     clock.advance(5)
     assert seen == [b"m0", b"m1"]
     consumer.stopService()
+    assert storage.take("orders", 10) == []  # acked through the store the spec named
+    store.close()
     storage.close()
 
 
@@ -145,10 +140,10 @@ def test_consumer_is_woken_by_new_messages_and_acks(tmp_path: Path) -> Any:
         yield task.deferLater(reactor, 0.2, lambda: None)  # first (empty) round done
         sent_at = time.monotonic()
         yield defer.maybeDeferred(server_side.add, "orders", _messages(3))
-        yield _wait(lambda: len(seen) == 3)
+        yield until(lambda: len(seen) == 3)
         assert [p for p, _ in seen] == [b"m0", b"m1", b"m2"]
         assert seen[-1][1] - sent_at < 1.0
-        yield _wait(lambda: consumer.handled == 3)
+        yield until(lambda: consumer.handled == 3)
     finally:
         yield consumer.stopService()
     assert store.take("orders", 10) == []  # all acked
@@ -173,7 +168,7 @@ def test_deferred_handler_failures_are_retried_then_failed(tmp_path: Path) -> An
     consumer = ChannelConsumer(store, "orders", handler, reactor, poll=0.05, max_attempts=3)
     consumer.startService()
     try:
-        yield _wait(lambda: consumer.failed == 1 and consumer.handled == 1)
+        yield until(lambda: consumer.failed == 1 and consumer.handled == 1)
     finally:
         yield consumer.stopService()
     assert calls == {b"m0": 1, b"m1": 3}
@@ -199,7 +194,7 @@ def test_async_handler(tmp_path: Path) -> Any:
     consumer = ChannelConsumer(store, "jobs", handler, reactor, poll=600)
     consumer.startService()
     try:
-        yield _wait(lambda: consumer.handled == 5)
+        yield until(lambda: consumer.handled == 5)
     finally:
         yield consumer.stopService()
     assert got == [b"m%d" % i for i in range(5)]

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from inprocess import Server
-from twisted.internet import defer, reactor, task
+from inprocess import Server, until
+from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
@@ -333,18 +333,6 @@ def transport() -> Iterator[HTTPTransport]:
     t = HTTPTransport(reactor, connect_timeout=2, timeout=10)
     yield t
     pytest_twisted.blockon(t.close())
-
-
-def until(condition: Any, timeout: float = 10.0) -> defer.Deferred[None]:
-    deadline = time.monotonic() + timeout
-
-    async def poll() -> None:
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError("condition not met in time")
-            await task.deferLater(reactor, 0.01, lambda: None)
-
-    return defer.ensureDeferred(poll())
 
 
 def sender(spool: dropr.Spool, url: str, t: HTTPTransport, p: ThreadPool, **kw: Any) -> Any:

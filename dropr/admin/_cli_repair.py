@@ -127,6 +127,8 @@ def _purge(args: argparse.Namespace) -> int:
 
 
 def _add_selection(p: argparse.ArgumentParser, what: str) -> None:
+    """Where, which failed messages, and how: what requeue and purge share."""
+    add_where(p)
     p.add_argument("ids", nargs="*", metavar="ID", help=f"{what} by id")
     p.add_argument("--channel", metavar="NAME", help=f"{what} of this channel")
     p.add_argument(
@@ -138,6 +140,9 @@ def _add_selection(p: argparse.ArgumentParser, what: str) -> None:
         metavar="AGE",
         help="only what failed (or arrived) at least AGE ago: 90s, 15m, 2h, 7d",
     )
+    p.add_argument("--all", action="store_true", help="every failed message")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    p.add_argument("--json", action="store_true", help="print what was done as JSON")
 
 
 def add_parsers(sub: Any) -> None:
@@ -150,11 +155,7 @@ def add_parsers(sub: Any) -> None:
             "priority (and, in a spool, their age). Asks first unless --yes."
         ),
     )
-    add_where(p)
     _add_selection(p, "failed messages")
-    p.add_argument("--all", action="store_true", help="every failed message")
-    p.add_argument("--yes", "-y", action="store_true", help="do not ask")
-    p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(run=_requeue)
 
     p = sub.add_parser(
@@ -167,9 +168,5 @@ def add_parsers(sub: Any) -> None:
         ),
     )
     p.add_argument("what", choices=("failed", "processed", "quarantine"), help="what to delete")
-    add_where(p)
     _add_selection(p, "failed messages")
-    p.add_argument("--all", action="store_true", help="every failed message")
-    p.add_argument("--yes", "-y", action="store_true", help="do not ask")
-    p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(run=_purge)

@@ -13,7 +13,7 @@ from typing import Any
 from zope.interface import implementer
 
 from dropr.errors import UnsupportedByStore
-from dropr.interfaces import IMessageAdmin, IStorage, IWakeSource
+from dropr.interfaces import IMessageAdmin, IStorage, IWakeSource, SetAside
 
 
 def message_admin(storage: IStorage) -> IMessageAdmin:
@@ -66,3 +66,23 @@ class _WakeFileWatch:
             callbacks=[lambda *_: callback()],
         )
         return notifier.loseConnection
+
+
+class NothingLeftBehind:
+    """The housekeeping part of ``IMessageAdmin`` for a storage that needs none.
+
+    Where an ack deletes a message at once and nothing unreadable is ever
+    kept apart (SQLite, memory), there is nothing to purge.
+    """
+
+    def purge_processed(self, older_than: float, queue: str | None = None) -> int:
+        """Nothing to do: an ack deletes at once."""
+        return 0
+
+    def set_aside(self) -> list[SetAside]:
+        """Nothing is set aside."""
+        return []
+
+    def purge_set_aside(self, older_than: float) -> list[SetAside]:
+        """Nothing to delete."""
+        return []

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from dropr._ids import id_millis, id_time
 from dropr._message import DEFAULT_MAX_PAYLOAD, MAX_PRIORITY, MIN_PRIORITY, Message
-from dropr.errors import InvalidMessage, StorageClosed, StorageFull, UnknownMessage
+from dropr.errors import InvalidMessage, StorageClosed, StorageFull
 from dropr.interfaces import (
     FailedMessage,
     IMessageAdmin,
@@ -33,8 +33,9 @@ from dropr.interfaces import (
     IWakeSource,
     OpenMessage,
     QueueStats,
-    SetAside,
 )
+from dropr.storage._adapt import NothingLeftBehind
+from dropr.storage._receipts import own_receipts
 from dropr.storage.files._storage import validate_queue
 
 #: Seconds between two prunes of the dedup index.
@@ -60,7 +61,7 @@ class _Receipt:
 
 
 @implementer(IStorage, IReceivingStore, ISpoolStorage, IUsage, IWakeSource, IMessageAdmin)
-class MemoryStorage:
+class MemoryStorage(NothingLeftBehind):
     """Queues in memory, with the semantics of the durable storages.
 
     Takes the keywords of :class:`~dropr.storage.files._storage.FilesystemStorage` that
@@ -249,16 +250,7 @@ class MemoryStorage:
 
     def _receipts(self, messages: Iterable[Message]) -> list[_Receipt]:
         """The receipts of ``messages``; raise before any change if one is foreign."""
-        out = []
-        for m in messages:
-            r = m.receipt
-            if not isinstance(r, _Receipt) or r.storage is not self._token:
-                raise UnknownMessage(
-                    f"message {m.id} was not taken from this storage: ack, release "
-                    "and fail the Message objects that take() returned"
-                )
-            out.append(r)
-        return out
+        return own_receipts(messages, _Receipt, self._token)
 
     def _entry(self, r: _Receipt) -> _Entry | None:
         return self._queues.get(r.queue, {}).get(r.priority, {}).get(r.seq)
@@ -442,15 +434,3 @@ class MemoryStorage:
         with self._mutex:
             self._check_open()
             return [f.message.id for f in self._take_failed(queue, ids)]
-
-    def purge_processed(self, older_than: float, queue: str | None = None) -> int:
-        """Nothing to do: an ack forgets a message at once."""
-        return 0
-
-    def set_aside(self) -> list[SetAside]:
-        """Nothing: memory holds nothing it cannot read."""
-        return []
-
-    def purge_set_aside(self, older_than: float) -> list[SetAside]:
-        """Nothing to delete."""
-        return []

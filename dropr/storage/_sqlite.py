@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from zope.interface import implementer
 
@@ -43,7 +44,6 @@ from dropr.errors import (
     StorageClosed,
     StorageFull,
     StorageLocked,
-    UnknownMessage,
 )
 from dropr.interfaces import (
     FailedMessage,
@@ -51,8 +51,9 @@ from dropr.interfaces import (
     IStorage,
     OpenMessage,
     QueueStats,
-    SetAside,
 )
+from dropr.storage._adapt import NothingLeftBehind
+from dropr.storage._receipts import own_receipts
 from dropr.storage.files._durable import fsync_dir
 from dropr.storage.files._storage import validate_queue
 
@@ -127,7 +128,7 @@ _CLAIM_BITS = 24
 
 
 @implementer(IStorage, IMessageAdmin)
-class SQLiteStorage:
+class SQLiteStorage(NothingLeftBehind):
     """Durable queues in one SQLite database (WAL mode); see the module docstring.
 
     :param path: the database file, created if missing.
@@ -424,16 +425,7 @@ class SQLiteStorage:
 
     def _receipts(self, messages: Iterable[Message]) -> list[_Receipt]:
         """The receipts of ``messages``; raise before any change if one is foreign."""
-        receipts = []
-        for m in messages:
-            r = m.receipt
-            if not isinstance(r, _Receipt) or r.storage is not self._token:
-                raise UnknownMessage(
-                    f"message {m.id} was not taken from this storage: ack, release "
-                    "and fail the Message objects that take() returned"
-                )
-            receipts.append(r)
-        return receipts
+        return own_receipts(messages, _Receipt, self._token)
 
     def ack(self, messages: Iterable[Message]) -> None:
         """Forget taken ``messages``; durable on return when ``sync_acks``.
@@ -543,25 +535,23 @@ class SQLiteStorage:
 
     # -- IMessageAdmin: for the dropr command ---------------------------------------------
 
-    def open_messages(self, queue: str, since: float = 0.0) -> Iterator[OpenMessage]:
-        """Waiting and taken messages of ``queue``, in delivery order."""
+    def _read(self, sql: str, queue: str) -> list[tuple[Any, ...]]:
+        """The rows ``sql`` selects for ``queue`` (its one parameter)."""
         validate_queue(queue)
         with self._mutex:
             self._check_open()
-            rows = self._db.execute(
-                "SELECT seq, id, priority, channel, destination, payload, lease_until, claim "
-                "FROM messages WHERE queue = ? ORDER BY priority, seq",
-                (queue,),
-            ).fetchall()
+            return self._db.execute(sql, (queue,)).fetchall()
+
+    def open_messages(self, queue: str, since: float = 0.0) -> Iterator[OpenMessage]:
+        """Waiting and taken messages of ``queue``, in delivery order."""
+        rows = self._read(
+            "SELECT seq, id, priority, channel, destination, payload, lease_until, claim "
+            "FROM messages WHERE queue = ? ORDER BY priority, seq",
+            queue,
+        )
         for seq, msg_id, priority, channel, destination, payload, until, claim in rows:
-            message = Message(
-                id=msg_id,
-                payload=bytes(payload),
-                channel=channel,
-                priority=priority,
-                destination=destination,
-                receipt=_Receipt(self._token, seq, claim),
-            )
+            receipt = _Receipt(self._token, seq, claim)
+            message = Message(msg_id, bytes(payload), channel, priority, destination, receipt)
             taken = claim is not None
             yield OpenMessage(
                 message,
@@ -573,14 +563,11 @@ class SQLiteStorage:
 
     def failed_messages(self, queue: str) -> Iterator[FailedMessage]:
         """The failed area of ``queue``, oldest failure first."""
-        validate_queue(queue)
-        with self._mutex:
-            self._check_open()
-            rows = self._db.execute(
-                "SELECT seq, id, priority, channel, destination, payload, reason, failed_at "
-                "FROM failed WHERE queue = ? ORDER BY seq",
-                (queue,),
-            ).fetchall()
+        rows = self._read(
+            "SELECT seq, id, priority, channel, destination, payload, reason, failed_at "
+            "FROM failed WHERE queue = ? ORDER BY seq",
+            queue,
+        )
         for seq, msg_id, priority, channel, destination, payload, reason, failed_at in rows:
             message = Message(msg_id, bytes(payload), channel, priority, destination)
             yield FailedMessage(message, queue, reason, failed_at, f"failed row {seq}")
@@ -616,15 +603,3 @@ class SQLiteStorage:
     def purge_failed(self, queue: str, ids: Collection[str]) -> list[str]:
         """Delete failed messages for good."""
         return self._move_failed(queue, ids, requeue=False)
-
-    def purge_processed(self, older_than: float, queue: str | None = None) -> int:
-        """Nothing to do: an ack deletes its rows at once."""
-        return 0
-
-    def set_aside(self) -> list[SetAside]:
-        """Nothing: SQLite keeps no unreadable pieces apart (see ``PRAGMA integrity_check``)."""
-        return []
-
-    def purge_set_aside(self, older_than: float) -> list[SetAside]:
-        """Nothing to delete."""
-        return []
