@@ -15,9 +15,10 @@ stored and dropped whole once every id it can hold is older than the window.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
-from psycopg import Connection, sql
+from psycopg import Connection, errors, sql
 
 from dropr.errors import DroprError
 
@@ -170,3 +171,54 @@ def drop_day(conn: Connection[tuple[Any, ...]], schema: str, day: int) -> None:
     conn.execute(
         sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, partition_name(day)))
     )
+
+
+class DedupDays:
+    """The days that have a partition of ``seen``, as this process knows them.
+
+    ``run(work)`` runs ``work(conn)`` in a transaction (the storage's
+    ``_run``).  What is known is only what committed: a rolled-back
+    ``CREATE`` made nothing.
+    """
+
+    def __init__(self, schema: str, run: Callable[[Callable[[Any], Any]], Any]) -> None:
+        self.schema = schema
+        self._run = run
+        self._known: set[int] = set()
+
+    def forget(self) -> None:
+        """Look at the catalog again next time (another process may have changed it)."""
+        self._known.clear()
+
+    def ensure(self, days: set[int]) -> None:
+        """Make the partitions of ``days`` that do not exist."""
+        missing = days - self._known
+        if not missing:
+            return
+
+        def work(conn: Connection[tuple[Any, ...]]) -> set[int]:
+            found = existing_days(conn, self.schema)
+            for day in sorted(missing - found):
+                create_day(conn, self.schema, day)
+                found.add(day)
+            return found
+
+        self._known = self._run(work)
+
+    def prune(self, keep_from: int) -> bool:
+        """Drop the partitions of days before ``keep_from``; False if it must wait."""
+
+        def work(conn: Connection[tuple[Any, ...]]) -> set[int]:
+            # Dropping waits for adds in flight; never hold them up for long.
+            conn.execute("SET LOCAL lock_timeout = '2s'")
+            found = existing_days(conn, self.schema)
+            for day in sorted(d for d in found if d < keep_from):
+                drop_day(conn, self.schema, day)
+                found.discard(day)
+            return found
+
+        try:
+            self._known = self._run(work)
+        except errors.LockNotAvailable:
+            return False
+        return True

@@ -22,27 +22,22 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import ConnectionPool
 from zope.interface import implementer
 
 from dropr._ids import id_millis, id_time
 from dropr._message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
 from dropr.errors import (
     InvalidMessage,
-    StorageClosed,
     StorageFull,
     StorageUnavailable,
-    UnknownMessage,
 )
 from dropr.interfaces import (
     IMessageAdmin,
@@ -54,11 +49,11 @@ from dropr.interfaces import (
 )
 from dropr.storage import _pgschema as schema_
 from dropr.storage._pgadmin import CLAIM_BITS, PostgresAdmin
+from dropr.storage._pgconn import Conn, PgConnections
+from dropr.storage._pgschema import DedupDays
 from dropr.storage._pgwatch import Watcher
-from dropr.storage._spec import redact
+from dropr.storage._receipts import own_receipts
 from dropr.storage.files._storage import validate_queue
-
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 #: Seconds between two looks at the partitions of the dedup table in upkeep.
 _PARTITIONS_EVERY = 60.0
@@ -67,8 +62,6 @@ _PARTITIONS_EVERY = 60.0
 _PRUNE_MARGIN_DAYS = 1
 #: Seconds ``channel_count`` reuses its figure.
 _CHANNELS_EVERY = 1.0
-#: Tries of a transaction that PostgreSQL rolled back for a conflict.
-_TRIES = 3
 
 _SELECT_QUEUES = """
 WITH RECURSIVE q AS (
@@ -127,7 +120,7 @@ def _uuid(message_id: str) -> uuid.UUID:
 
 
 @implementer(IStorage, IUsage, IReceivingStore, IWakeSource, IMessageAdmin)
-class PostgresStorage(PostgresAdmin):
+class PostgresStorage(PgConnections, PostgresAdmin):
     """Durable queues in a PostgreSQL database; see the module docstring.
 
     :param spec: a libpq URL (``postgresql://user@host:port/dbname``);
@@ -170,9 +163,9 @@ class PostgresStorage(PostgresAdmin):
         ignored.pop("sole_taker", None)
         if ignored:
             raise TypeError(f"PostgresStorage got unknown options {sorted(ignored)}")
-        self.spec = spec
-        self.where = redact(spec)
-        self.schema = schema_.validate_schema(schema)
+        PgConnections.__init__(
+            self, spec, schema_.validate_schema(schema), pool_size, connect_timeout
+        )
         self.max_bytes = max_bytes
         self.max_messages = max_messages
         self.max_payload = max_payload
@@ -190,119 +183,18 @@ class PostgresStorage(PostgresAdmin):
         #: The lease owner of this object's takes (IMessageAdmin).
         self.owner = f"{self._owner_number:08x}"
         self._takes = itertools.count(1)
-        self._closed = False
-        self._days: set[int] = set()
+        self._days = DedupDays(self.schema, self._run)
         self._days_checked = float("-inf")
         self._watchers: list[Watcher] = []
         self._channels: tuple[float, int] | None = None
         self._notify_channel = f"dropr_{self.schema}"
-        self._pool_size = max(1, pool_size)
-        self._connect_timeout = connect_timeout
-        self._pool_lock = threading.Lock()
-        self._pool_pid = -1
-        self._pool_instance: ConnectionPool[Conn] | None = None
         # A connection of its own first, so a wrong password or host is
         # reported as libpq says it, not as a pool that timed out.
         try:
-            with psycopg.connect(
-                spec, connect_timeout=max(1, round(connect_timeout)), application_name="dropr"
-            ) as conn:
+            with self._connect() as conn:
                 schema_.migrate(conn, self.schema)
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
             raise self._unavailable(e) from None
-
-    # -- connections and transactions ---------------------------------------------------
-
-    def _unavailable(self, e: BaseException) -> StorageUnavailable:
-        text = str(e).strip() or type(e).__name__
-        password = psycopg.conninfo.conninfo_to_dict(self.spec).get("password")
-        if password:
-            text = text.replace(str(password), "***")
-        return StorageUnavailable(
-            f"PostgreSQL store {self.where} is unavailable ({text}): retry once "
-            "the database is back (a retried store never stores twice)"
-        )
-
-    @property
-    def _pool(self) -> ConnectionPool[Conn]:
-        """The connection pool of this process, made on first use.
-
-        Not made in ``__init__``: twistd forks to daemonize after the store is
-        opened, and the pool's worker threads do not survive a fork.  A pool
-        inherited from a parent process is left alone (its sockets are the
-        parent's) and a new one made.
-        """
-        pool = self._pool_instance
-        if pool is not None and self._pool_pid == os.getpid():
-            return pool
-        with self._pool_lock:
-            if self._pool_instance is None or self._pool_pid != os.getpid():
-                ident = sql.Identifier(self.schema)
-
-                def configure(conn: Conn) -> None:
-                    conn.execute(sql.SQL("SET search_path TO {}").format(ident))
-                    conn.commit()
-
-                timeout = self._connect_timeout
-                self._pool_instance = ConnectionPool(
-                    self.spec,
-                    min_size=1,
-                    max_size=self._pool_size,
-                    kwargs={"connect_timeout": max(1, round(timeout)), "application_name": "dropr"},
-                    configure=configure,
-                    timeout=timeout,
-                    reconnect_timeout=float("inf"),
-                    name=f"dropr-{self.schema}",
-                    open=False,
-                )
-                self._pool_instance.open(wait=False)
-                self._pool_pid = os.getpid()
-            return self._pool_instance
-
-    @contextmanager
-    def _transaction(self, sync: bool = True) -> Iterator[Conn]:
-        """One transaction on a pooled connection, committed on leaving.
-
-        ``sync=False`` commits without waiting for the WAL flush: for changes
-        whose loss only hands a message out again (take, release).
-        """
-        if self._closed:
-            raise StorageClosed(f"storage {self.where} is closed: open it again to use it")
-        try:
-            with self._pool.connection() as conn:
-                if not sync:
-                    conn.execute("SET LOCAL synchronous_commit = off")
-                yield conn
-        except psycopg.errors.DiskFull as e:
-            raise StorageFull(
-                f"PostgreSQL store {self.where} has no disk space left ({e}); nothing "
-                "was stored. Free space on the database host"
-            ) from None
-        except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
-            raise
-        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
-            raise self._unavailable(e) from None
-
-    def _run(self, work: Callable[[Conn], Any], sync: bool = True) -> Any:
-        """``work`` in a transaction, tried again when a conflict rolled it back.
-
-        A connection that broke while idle in the pool (the database
-        restarted) is tried again once too: nothing of ``work`` reached it.
-        """
-        for attempt in range(_TRIES):
-            try:
-                with self._transaction(sync) as conn:
-                    return work(conn)
-            except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
-                if attempt == _TRIES - 1:
-                    raise
-            except StorageUnavailable:
-                if attempt > 0 or self._closed:
-                    raise
-                # The database may have restarted: drop the pool's dead
-                # connections before the one retry.
-                self._pool.check()
-        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Stop watches and close the pool; the storage is unusable afterwards."""
@@ -311,8 +203,7 @@ class PostgresStorage(PostgresAdmin):
         self._closed = True
         for w in self._watchers:
             w.stop()
-        if self._pool_instance is not None and self._pool_pid == os.getpid():
-            self._pool_instance.close()
+        self._close_pool()
 
     def __enter__(self) -> PostgresStorage:
         return self
@@ -338,7 +229,7 @@ class PostgresStorage(PostgresAdmin):
         every = [m for _, ms in lists for m in ms]
         if self.dedup:
             self._refuse_too_old(every)
-            self._ensure_days({id_millis(m.id) // schema_.MS_PER_DAY for m in every})
+            self._days.ensure({id_millis(m.id) // schema_.MS_PER_DAY for m in every})
         if not every:
             return []
 
@@ -367,13 +258,13 @@ class PostgresStorage(PostgresAdmin):
             return stored
 
         try:
-            stored = self._run(work)
+            stored = self._run(work, idempotent=self.dedup)
         except psycopg.errors.CheckViolation:
             # No partition for a day this process thought had one (another
             # process pruned it, or made it in a transaction that rolled back).
-            self._days.clear()
-            self._ensure_days({id_millis(m.id) // schema_.MS_PER_DAY for m in every})
-            stored = self._run(work)
+            self._days.forget()
+            self._days.ensure({id_millis(m.id) // schema_.MS_PER_DAY for m in every})
+            stored = self._run(work, idempotent=self.dedup)
         if self.notify and stored:
             self._notify_added(sorted({q for q, m in unique if m.id in stored}))
         return [m.id for _, m in unique if m.id in stored]
@@ -422,41 +313,6 @@ class PostgresStorage(PostgresAdmin):
         except StorageUnavailable:
             pass
 
-    # -- the dedup table's partitions ----------------------------------------------
-
-    def _ensure_days(self, days: set[int]) -> None:
-        missing = days - self._days
-        if not missing:
-            return
-
-        def work(conn: Conn) -> set[int]:
-            days = schema_.existing_days(conn, self.schema)
-            for day in sorted(missing - days):
-                schema_.create_day(conn, self.schema, day)
-                days.add(day)
-            return days
-
-        # Known only once committed: a rolled-back CREATE made nothing.
-        self._days = self._run(work)
-
-    def _prune_days(self) -> None:
-        oldest_day = int((self._clock() - self._window) * 1000) // schema_.MS_PER_DAY
-        keep_from = oldest_day - _PRUNE_MARGIN_DAYS
-
-        def work(conn: Conn) -> set[int]:
-            # Dropping waits for adds in flight; never hold them up for long.
-            conn.execute("SET LOCAL lock_timeout = '2s'")
-            days = schema_.existing_days(conn, self.schema)
-            for day in sorted(d for d in days if d < keep_from):
-                schema_.drop_day(conn, self.schema, day)
-                days.discard(day)
-            return days
-
-        try:
-            self._days = self._run(work)
-        except psycopg.errors.LockNotAvailable:
-            self._days_checked = float("-inf")  # try again at the next upkeep
-
     # -- taking and settling ----------------------------------------------------------
 
     def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:
@@ -499,16 +355,7 @@ class PostgresStorage(PostgresAdmin):
 
     def _receipts(self, messages: Iterable[Message]) -> list[_Receipt]:
         """The receipts of ``messages``; raise before any change if one is foreign."""
-        receipts = []
-        for m in messages:
-            r = m.receipt
-            if not isinstance(r, _Receipt) or r.storage is not self._token:
-                raise UnknownMessage(
-                    f"message {m.id} was not taken from this storage: ack, release "
-                    "and fail the Message objects that take() returned"
-                )
-            receipts.append(r)
-        return receipts
+        return own_receipts(messages, _Receipt, self._token)
 
     def ack(self, messages: Iterable[Message]) -> None:
         """Forget taken ``messages``; durable on return when ``sync_acks``.
@@ -660,9 +507,11 @@ class PostgresStorage(PostgresAdmin):
             return
         self._days_checked = now
         today = int(now * 1000) // schema_.MS_PER_DAY
-        self._days.clear()
-        self._ensure_days({today, today + 1})
-        self._prune_days()
+        self._days.forget()
+        self._days.ensure({today, today + 1})
+        oldest_day = int((now - self._window) * 1000) // schema_.MS_PER_DAY
+        if not self._days.prune(keep_from=oldest_day - _PRUNE_MARGIN_DAYS):
+            self._days_checked = float("-inf")  # try again at the next upkeep
 
     # -- wake-ups (IWakeSource) -------------------------------------------------------
 
