@@ -429,3 +429,25 @@ def test_the_dropr_command_on_a_postgresql_store(pg_cluster: PgCluster) -> None:
         assert s.failed("orders") == []
     finally:
         s.close()
+
+
+def test_a_storage_opened_before_a_fork_works_in_the_child(
+    url: str, pg_schema: str, opened: list[PostgresStorage]
+) -> None:
+    """twistd daemonizes by forking after the store is opened; the daemon uses it."""
+    s = _open(opened, url, pg_schema, connect_timeout=2)
+    sent = make(2)
+    pid = os.fork()
+    if pid == 0:  # the child: a pool of its own, the parent's left alone
+        code = 3
+        try:
+            s.add("jobs", sent)
+            code = 0 if [m.id for m in s.take("jobs", 10)] == [m.id for m in sent] else 1
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's storage works too, on connections of its own.
+    assert s.stats()["jobs"].taken == 2
