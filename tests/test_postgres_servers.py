@@ -9,6 +9,7 @@ store from the database.  Slow tier.
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -83,6 +84,13 @@ def test_a_resend_to_another_server_is_answered_stored_and_stored_once(
         status, answer = post_batch(server.url, batch)
         assert status == 200, answer
         assert sorted(answer["stored"]) == sorted(m.id for m in batch)  # type: ignore[arg-type]
+    # Each server's metrics and status page read the shared store: all see 20.
+    for server in servers:
+        with urllib.request.urlopen(server.url + "metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert re.search(r'dropr_store_depth\{channel="jobs"\} 20(\.0)?\n', metrics), metrics
+        with urllib.request.urlopen(server.url + "status", timeout=10) as r:
+            assert r.status == 200
     store = PostgresStorage(database)
     try:
         got = store.take("jobs", 100)
