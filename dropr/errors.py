@@ -39,6 +39,15 @@ class StorageUnavailable(DroprError):
     """
 
 
+class StorageIOError(DroprError):
+    """The disk under a spool or store failed (an I/O error other than a full disk).
+
+    The call that raised it did not complete; everything it acknowledged
+    before is kept.  Check the disk (``dmesg``), then retry; ``dropr fsck``
+    checks the directory.
+    """
+
+
 class StorageLocked(DroprError):
     """Another process holds the exclusive lock of a spool or store."""
 

@@ -464,13 +464,3 @@ def test_errno_of_a_missing_pipe_is_the_expected_one(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:
         os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     assert info.value.errno == errno.ENXIO
-
-
-def test_newest_batch_time_is_the_latest_put(tmp_path: Path) -> None:
-    with Spool(str(tmp_path)) as spool:
-        assert spool.storage.newest_batch_time() == 0.0
-        before = time.time()
-        spool.put(b"1", DEST, priority=9)
-        spool.put(b"2", "http://other:8080/", priority=0)
-        newest = spool.storage.newest_batch_time()
-        assert before - 0.002 <= newest <= time.time() + 0.002

@@ -33,9 +33,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dropr.storage import _batchfile as batchfile
-from dropr.storage._batchfile import BatchName
+from dropr.storage.files._layout import Layout, read_why
 from dropr.storage.files._statelog import StateLog
-from dropr.storage.files._storage import decode_queue
 
 PAYLOAD_MAGIC = b"dropr-chaos"
 PLANTED_MAGIC = b"dropr-planted"
@@ -211,19 +210,15 @@ def _read_batch_file(path: str) -> tuple[list[Any], str]:
 def scan(root: str) -> DiskContents:
     """Read what the spool or store at ``root`` holds (read-only)."""
     out = DiskContents()
-    queues_dir = os.path.join(root, "queues")
-    for qdir in sorted(os.listdir(queues_dir)) if os.path.isdir(queues_dir) else []:
-        if decode_queue(qdir) is None:
-            continue
-        qpath = os.path.join(queues_dir, qdir)
-        for bucket, _dirs, files in sorted(os.walk(qpath)):
-            names = [BatchName.parse(f) for f in files]
-            batches = [n for n in names if n is not None]
+    layout = Layout(root)
+    for _queue, qpath in layout.queue_dirs():
+        for bucket in layout.buckets(qpath):
+            batches = layout.batches(bucket)
             if not batches:
                 continue
             log = StateLog(bucket)
             log.refresh()
-            for bn in sorted(batches, key=str):
+            for bn in batches:
                 messages, error = _read_batch_file(os.path.join(bucket, str(bn)))
                 if error or len(messages) < bn.count:
                     out.damaged.append(os.path.relpath(os.path.join(bucket, str(bn)), root))
@@ -231,32 +226,18 @@ def scan(root: str) -> DiskContents:
                 for i, m in enumerate(messages[: bn.count]):
                     if i not in state.done:
                         out.waiting.append(_copy(m))
-    failed_dir = os.path.join(root, "failed")
-    for qdir in sorted(os.listdir(failed_dir)) if os.path.isdir(failed_dir) else []:
-        fpath = os.path.join(failed_dir, qdir)
-        for name in sorted(os.listdir(fpath)):
-            fbn = BatchName.parse(name)
-            if fbn is None:
-                continue
-            reason = ""
-            try:
-                with open(os.path.join(fpath, f"{fbn.batch_id}.why"), "rb") as f:
-                    reason = str(json.loads(f.read()).get("reason", ""))
-            except (OSError, ValueError):
-                pass
-            messages, _error = _read_batch_file(os.path.join(fpath, name))
+    for _queue, fpath in layout.queue_dirs(layout.failed_dir):
+        for fbn in layout.batches(fpath):
+            why = read_why(Layout.why_of_failed(fpath, fbn))
+            reason = str(why.get("reason", "")) if why is not None else ""
+            messages, _error = _read_batch_file(os.path.join(fpath, str(fbn)))
             out.failed.extend((_copy(m), reason) for m in messages)
-    qdir = os.path.join(root, "quarantine")
+    qdir = layout.quarantine_dir
     for name in sorted(os.listdir(qdir)) if os.path.isdir(qdir) else []:
         if name.endswith(".why"):
             continue
-        reason = ""
-        try:
-            with open(os.path.join(qdir, name + ".why"), "rb") as f:
-                reason = str(json.loads(f.read()).get("reason", ""))
-        except (OSError, ValueError):
-            pass
-        out.quarantined[name] = reason
+        why = read_why(os.path.join(qdir, name + ".why"))
+        out.quarantined[name] = str(why.get("reason", "")) if why is not None else ""
     return out
 
 

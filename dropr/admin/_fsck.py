@@ -43,18 +43,28 @@ from typing import Any
 from dropr.storage import _batchfile as batchfile
 from dropr.storage._batchfile import BatchName
 from dropr.storage.files._durable import fsync_dir, pid_alive, remove_empty_dirs, write_new_file
-from dropr.storage.files._statelog import STATE_NAME, StateLog
-from dropr.storage.files._storage import FilesystemStorage, decode_queue
+from dropr.storage.files._layout import (
+    BUCKET_SETTLE,
+    LOCK_NAME,
+    ROOT_ENTRIES,
+    STATE_NAME,
+    TMP_MAX_AGE,
+    TMP_RE,
+    USAGE_TMP_RE,
+    WAKE_NAME,
+    Layout,
+    bucket_end_ms,
+    decode_queue,
+    read_why,
+    why_bytes,
+)
+from dropr.storage.files._statelog import StateLog
+from dropr.storage.files._storage import FilesystemStorage
 
-#: Same as the storage's: a temporary file this old is stale whatever its pid.
-TMP_MAX_AGE = 3600.0
-#: Buckets whose time ended less than this ago may still receive batches.
-BUCKET_SETTLE = 10.0
-_BUCKET_MS = 1 << 12
-_TMP_RE = re.compile(r".*\.(\d+)\.[0-9a-f]{12}\.tmp\Z")
-_ROOT_ENTRIES = {"lock", "tmp", "queues", "failed", "quarantine", "ids", "notify", "usage"}
-_QUEUE_ENTRIES = {"lock", "wake"}
-_USAGE_TMP_RE = re.compile(r"usage\.(\d+)\.tmp\Z")
+_TMP_RE = TMP_RE
+_ROOT_ENTRIES = ROOT_ENTRIES
+_QUEUE_ENTRIES = {LOCK_NAME, WAKE_NAME}
+_USAGE_TMP_RE = USAGE_TMP_RE
 _SLOT_RE = re.compile(r"[0-9a-f]{11}\.ids\Z")
 
 DAMAGE = "damage"
@@ -272,17 +282,7 @@ class _Checker:
                     self.check_bucket(qpath, bucket)
 
     def _buckets(self, qpath: str) -> Iterator[str]:
-        for p in sorted(os.listdir(qpath)):
-            pdir = os.path.join(qpath, p)
-            if len(p) != 1 or not p.isdigit() or not os.path.isdir(pdir):
-                continue
-            for hi in sorted(os.listdir(pdir)):
-                hidir = os.path.join(pdir, hi)
-                if not os.path.isdir(hidir):
-                    continue
-                for lo in sorted(os.listdir(hidir)):
-                    if os.path.isdir(os.path.join(hidir, lo)):
-                        yield os.path.join(hidir, lo)
+        return (b for b in Layout(self.root).buckets(qpath) if os.path.isdir(b))
 
     @contextlib.contextmanager
     def _queue_lock(self, qpath: str) -> Iterator[None]:
@@ -298,13 +298,8 @@ class _Checker:
             os.close(fd)
 
     def _settled(self, bucket: str) -> bool:
-        lo = os.path.basename(bucket)
-        hi = os.path.basename(os.path.dirname(bucket))
-        try:
-            end_ms = (int(hi + lo, 16) + 1) * _BUCKET_MS
-        except ValueError:
-            return False
-        return end_ms / 1000.0 < self.now - BUCKET_SETTLE
+        end_ms = bucket_end_ms(bucket)
+        return end_ms is not None and end_ms / 1000.0 < self.now - BUCKET_SETTLE
 
     def check_bucket(self, qpath: str, bucket: str) -> None:
         try:
@@ -431,7 +426,7 @@ class _Checker:
         )
         if not self.may_repair:
             return
-        self.storage()._quarantine(path, reason, salvage=salvage, name=bn)
+        self.storage().quarantine(path, reason, salvage=salvage, name=bn)
         f.repaired = True
         f.action = (
             f"quarantined with its reason; {len(salvage)} readable messages kept in the queue"
@@ -462,15 +457,9 @@ class _Checker:
                 if f"{bn.batch_id}.why" not in names:
                     f = self.add("missing-reason", path, "a failed batch without its .why file")
                     if self.may_repair:
-                        text = json.dumps(
-                            {
-                                "reason": "(the reason was lost; found by dropr fsck)",
-                                "time": self.now,
-                            }
-                        )
-                        tmp = write_new_file(
-                            os.path.join(self.root, "tmp"), "why", [text.encode() + b"\n"]
-                        )
+                        lost = {"reason": "(the reason was lost; found by dropr fsck)"}
+                        text = why_bytes({**lost, "time": self.now})
+                        tmp = write_new_file(os.path.join(self.root, "tmp"), "why", [text])
                         os.replace(tmp, why)
                         fsync_dir(fpath)
                         f.repaired, f.action = True, "wrote a .why saying the reason was lost"
@@ -481,11 +470,8 @@ class _Checker:
             if name.endswith(".why"):
                 continue
             self.report.counts["quarantined"] += 1
-            try:
-                with open(os.path.join(qdir, name + ".why"), "rb") as fh:
-                    reason = str(json.loads(fh.read()).get("reason", ""))
-            except (OSError, ValueError):
-                reason = "(no reason recorded)"
+            why = read_why(os.path.join(qdir, name + ".why"))
+            reason = str(why.get("reason", "")) if why is not None else "(no reason recorded)"
             self.add(
                 "quarantined",
                 os.path.join(qdir, name),

@@ -50,6 +50,10 @@ _FRAME = FRAME
 _HEAD = HEAD
 #: Largest record body accepted on read (payload limit plus headroom).
 MAX_BODY = 256 * 1024 * 1024
+#: The largest payload a record can hold and be read back: the body limit
+#: less the head and the longest names.  A storage refuses a larger
+#: ``max_payload`` at start.
+MAX_PAYLOAD = MAX_BODY - _HEAD.size - 255 - 65535
 _NAME_RE = re.compile(r"([0-9a-f]{32})-([0-9]{1,9})-([0-9]{1,15})\.b\Z")
 
 

@@ -24,6 +24,7 @@ Schema::
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -43,6 +44,7 @@ from dropr.errors import (
     InvalidMessage,
     StorageClosed,
     StorageFull,
+    StorageIOError,
     StorageLocked,
 )
 from dropr.interfaces import (
@@ -107,6 +109,24 @@ END;
 _PRUNE_EVERY = 60.0
 #: SQLite limits the number of ``?`` in one statement; stay well below.
 _CHUNK = 500
+
+
+def _disk_error(path: str, e: BaseException) -> BaseException:
+    """A full disk or an I/O error from SQLite as dropr's error; anything else as it is."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if not isinstance(e, sqlite3.Error) or code is None:
+        return e
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return StorageFull(
+            f"{path} is full: its disk has no room ({e}); nothing was stored. "
+            "Retry once there is room again"
+        )
+    if code & 0xFF == sqlite3.SQLITE_IOERR:
+        return StorageIOError(
+            f"{path}: the disk failed ({e}); the call did not complete, what it "
+            "acknowledged before is kept. Check the disk (dmesg), then retry"
+        )
+    return e
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,11 +310,15 @@ class SQLiteStorage(NothingLeftBehind):
         try:
             yield db
             db.execute("COMMIT")
-        except BaseException:
+        except BaseException as e:
             # SQLite rolls back by itself after some errors (disk full, I/O).
             if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            translated = _disk_error(self.path, e)
+            if translated is e:
+                raise
+            raise translated from e
 
     # -- adding ------------------------------------------------------------------
 

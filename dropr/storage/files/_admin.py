@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import time
 from collections.abc import Collection, Iterator
@@ -29,7 +28,8 @@ from dropr.interfaces import FailedMessage, IMessageAdmin, OpenMessage, SetAside
 from dropr.storage import _batchfile as batchfile
 from dropr.storage._batchfile import BatchName
 from dropr.storage.files._durable import fsync_dir, rename_into, write_new_file
-from dropr.storage.files._storage import FilesystemStorage, decode_queue, encode_queue
+from dropr.storage.files._layout import Layout, encode_queue, read_why
+from dropr.storage.files._storage import FilesystemStorage
 
 
 @dataclass
@@ -65,11 +65,12 @@ def _dir_lock(path: str) -> Iterator[None]:
 
 
 def _read_why(path: str, reason: str, when: float) -> tuple[str, float]:
+    why = read_why(path)
+    if why is None:
+        return reason, when
     try:
-        with open(path, "rb") as f:
-            why = json.loads(f.read())
         return str(why.get("reason", reason)), float(why.get("time", when))
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (ValueError, TypeError):
         return reason, when
 
 
@@ -91,12 +92,10 @@ class FilesystemAdmin:
 
     def queues(self) -> list[str]:
         """Every queue with a directory or a failed area, sorted."""
+        layout = self.storage.layout
         names: set[str] = set()
-        for top in (self.storage.queues_dir, self.storage.failed_dir):
-            for d in _listdir(top):
-                name = decode_queue(d)
-                if name is not None:
-                    names.add(name)
+        for top in (layout.queues_dir, layout.failed_dir):
+            names.update(name for name, _path in layout.queue_dirs(top))
         return sorted(names)
 
     def open_messages(self, queue: str, since: float = 0.0) -> Iterator[OpenMessage]:
@@ -128,7 +127,7 @@ class FilesystemAdmin:
             if bn is None:
                 continue
             path = os.path.join(fdir, name)
-            why = os.path.join(fdir, f"{bn.batch_id}.why")
+            why = Layout.why_of_failed(fdir, bn)
             reason, failed_at = _read_why(why, "(reason unreadable)", id_time(bn.batch_id))
             try:
                 with open(path, "rb") as f:

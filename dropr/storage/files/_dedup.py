@@ -15,9 +15,11 @@ Opening re-indexes every batch added since the checkpoint, so a crash at any
 moment leaves no stored batch unindexed, and consumers delete a consumed
 batch only once the checkpoint has passed it.
 
-Lookups are needed only for messages that may have been offered before (a
-resend).  A sender marks a batch *fresh* when it never offered it before,
-and the index then only records: the common path never reads a slot file.
+Every id of every add is looked up (no word of the sender lets a store
+skip it): ids are time-ordered, so a look-up reads recent slots that are
+already in memory.  No slot file stays open between calls, so descriptors
+do not grow with slots; the checkpoint syncs the slot files written since
+the last one.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from dropr._ids import id_millis
-from dropr.storage.files._durable import fsync_dir
+from dropr.storage.files._disk import REAL_DISK, Disk
+from dropr.storage.files._durable import ensure_dir
 
 if TYPE_CHECKING:
     from dropr._message import Message
@@ -39,20 +42,29 @@ _SLOT_DIGITS = 9
 _SUFFIX = ".ids"
 #: Ids held in memory for lookups, at most (16 bytes plus set overhead each).
 _LOADED_MAX = 2_000_000
-_OPEN_FILES_MAX = 8
 
 
 class DedupIndex:
     """Stored ids of the last ``window`` seconds, on disk under ``path``."""
 
-    def __init__(self, path: str, window: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: str,
+        window: float,
+        clock: Callable[[], float] = time.time,
+        disk: Disk = REAL_DISK,
+    ) -> None:
         self.path = path
         self.window = window
         self._clock = clock
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        self.disk = disk
+        # (breach: ids/ was never synced into its parent) ensure_dir syncs
+        # the parent of every directory it makes.
+        ensure_dir(path, disk=disk)
         self._loaded: OrderedDict[int, set[bytes]] = OrderedDict()
         self._loaded_count = 0
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        #: Slot files whose size is known to be a whole number of ids.
+        self._trimmed: set[int] = set()
         self._checkpoint_path = os.path.join(path, "checkpoint")
         self.checkpoint_ms = self._read_checkpoint()
         self._checkpoint_written = 0.0
@@ -63,8 +75,7 @@ class DedupIndex:
 
     def _read_checkpoint(self) -> int:
         try:
-            with open(self._checkpoint_path, "rb") as f:
-                return int(f.read().strip() or b"0")
+            return int(self.disk.read(self._checkpoint_path).strip() or b"0")
         except (OSError, ValueError):
             return 0
 
@@ -108,8 +119,7 @@ class DedupIndex:
             return ids
         ids = set()
         try:
-            with open(self._file(slot), "rb") as f:
-                data = f.read()
+            data = self.disk.read(self._file(slot))
         except FileNotFoundError:
             data = b""
         usable = len(data) - len(data) % 16
@@ -135,11 +145,9 @@ class DedupIndex:
             by_slot.setdefault(i[:_SLOT_DIGITS], []).append(i)
         for prefix, hex_ids in by_slot.items():
             slot = int(prefix, 16)
-            fd = self._fd(slot)
+            self._trim(slot)
             data = bytes.fromhex("".join(hex_ids))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            self.disk.append(self._file(slot), data, sync=False)
             self._dirty.add(slot)
             loaded = self._loaded.get(slot)
             if loaded is not None:
@@ -149,27 +157,21 @@ class DedupIndex:
             self._indexed_ms = max(self._indexed_ms, id_millis(batch_id))
         self._maybe_checkpoint()
 
-    def _fd(self, slot: int) -> int:
-        fd = self._fds.get(slot)
-        if fd is not None:
-            self._fds.move_to_end(slot)
-            return fd
+    def _trim(self, slot: int) -> None:
+        """Drop the fragment of an id a crash cut short, once per slot file."""
+        if slot in self._trimmed:
+            return
         path = self._file(slot)
-        if not os.path.exists(path):
+        try:
+            size = self.disk.stat(path).st_size
+        except FileNotFoundError:
             self._new_files = True
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        size = os.fstat(fd).st_size
-        if size % 16:
-            # A crash cut the last id short; drop the fragment.
-            os.ftruncate(fd, size - size % 16)
-        self._fds[slot] = fd
-        while len(self._fds) > _OPEN_FILES_MAX:
-            old_slot, old_fd = self._fds.popitem(last=False)
-            if old_slot in self._dirty:
-                os.fdatasync(old_fd)
-                self._dirty.discard(old_slot)
-            os.close(old_fd)
-        return fd
+        else:
+            if size % 16:
+                self.disk.truncate(path, size - size % 16)
+        self._trimmed.add(slot)
+        if len(self._trimmed) > 4096:
+            self._trimmed.clear()
 
     def _maybe_checkpoint(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -180,14 +182,12 @@ class DedupIndex:
     def checkpoint(self) -> None:
         """Sync the slot files written to, then record how far they reach."""
         self._checkpoint_written = time.monotonic()
-        for slot in self._dirty:
-            fd = self._fds.get(slot)
-            if fd is not None:
-                os.fdatasync(fd)
-        self._dirty.clear()
+        for slot in sorted(self._dirty):
+            self.disk.sync_file(self._file(slot))
+            self._dirty.discard(slot)
         if self._new_files:
             # A new slot file is only durable once its directory entry is.
-            fsync_dir(self.path)
+            self.disk.sync_dir(self.path)
             self._new_files = False
         # Batch ids of one process never decrease, so every batch not yet
         # indexed has an id at or after the newest indexed batch's.
@@ -195,13 +195,9 @@ class DedupIndex:
         if ms <= self.checkpoint_ms:
             return
         tmp = self._checkpoint_path + ".tmp"
-        # Owner-only whatever the umask, like every file of a store.
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(f"{ms}\n".encode())
-            f.flush()
-            os.fdatasync(f.fileno())
-        os.replace(tmp, self._checkpoint_path)
-        fsync_dir(self.path)
+        self.disk.create(tmp, f"{ms}\n".encode(), exclusive=False)
+        self.disk.rename(tmp, self._checkpoint_path)
+        self.disk.sync_dir(self.path)
         self.checkpoint_ms = ms
 
     def recover(self, batches: Iterable[tuple[str, list[str]]]) -> int:
@@ -215,10 +211,17 @@ class DedupIndex:
         return count
 
     def prune(self) -> int:
-        """Delete slot files wholly older than the window; return how many."""
-        limit_slot = int((self._clock() - self.window) * 1000) >> SLOT_SHIFT
+        """Delete slot files wholly older than the window; return how many.
+
+        The window ends at the checkpoint, not at the clock, when the clock
+        is ahead of it: a clock stepped forward (at open, or at any time)
+        must not forget ids a resend may still bring.  The checkpoint only
+        moves with batches actually stored.
+        """
+        newest = min(self._clock(), self.checkpoint_ms / 1000.0)
+        limit_slot = int((newest - self.window) * 1000) >> SLOT_SHIFT
         removed = 0
-        for name in os.listdir(self.path):
+        for name in self.disk.listdir(self.path):
             if not name.endswith(_SUFFIX):
                 continue
             try:
@@ -226,13 +229,11 @@ class DedupIndex:
             except ValueError:
                 continue
             if slot < limit_slot:
-                os.unlink(os.path.join(self.path, name))
+                self.disk.unlink(os.path.join(self.path, name))
+                self._loaded_count -= len(self._loaded.pop(slot, ()))
                 removed += 1
         return removed
 
     def close(self) -> None:
-        """Sync and close files; write a final checkpoint."""
+        """Sync what was written; write a final checkpoint."""
         self.checkpoint()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()

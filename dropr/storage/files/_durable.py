@@ -2,47 +2,56 @@
 
 Every acknowledged byte goes through these: write to a temporary file, sync
 it, rename it into place, sync the directory.  A rename within one file
-system is atomic, so a reader sees either nothing or the whole file.
+system is atomic, so a reader sees either nothing or the whole file.  Each
+takes the ``Disk`` it works through (the real one by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterable
 
-_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+from dropr.storage.files._disk import REAL_DISK, Disk
 
 
-def fsync_dir(path: str) -> None:
+def fsync_dir(path: str, disk: Disk = REAL_DISK) -> None:
     """Make the entries of directory ``path`` (new, renamed, removed) durable."""
-    fd = os.open(path, _DIR_FLAGS)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    disk.sync_dir(path)
 
 
-def ensure_dir(path: str, mode: int = 0o700) -> bool:
+def ensure_dir(path: str, mode: int = 0o700, disk: Disk = REAL_DISK) -> bool:
     """Create ``path`` and missing parents durably; True if anything was made.
 
     A new directory is only durable once its parent is synced, so each level
     that is created has its parent synced too.
     """
-    if os.path.isdir(path):
-        return False
-    parent = os.path.dirname(path.rstrip("/"))
-    if parent and parent != path:
-        ensure_dir(parent, mode)
-    try:
-        os.mkdir(path, mode)
-    except FileExistsError:
-        return False
-    fsync_dir(parent or ".")
-    return True
+    gone: FileNotFoundError | None = None
+    for _attempt in range(3):
+        if disk.isdir(path):
+            return False
+        parent = os.path.dirname(path.rstrip("/"))
+        if parent and parent != path:
+            ensure_dir(parent, mode, disk)
+        try:
+            disk.mkdir(path, mode)
+        except FileExistsError:
+            return False
+        except FileNotFoundError as e:
+            # Upkeep removed an idle queue's directory between the parent's
+            # creation and ours: make the chain again.
+            gone = e
+            continue
+        disk.sync_dir(parent or ".")
+        return True
+    assert gone is not None
+    raise gone
 
 
-def write_new_file(tmp_dir: str, prefix: str, chunks: Iterable[bytes]) -> str:
+def write_new_file(
+    tmp_dir: str, prefix: str, chunks: Iterable[bytes], disk: Disk = REAL_DISK
+) -> str:
     """Write ``chunks`` to a new file in ``tmp_dir``, synced; return its path.
 
     The name starts with ``prefix`` and carries the writer's pid, so
@@ -50,24 +59,13 @@ def write_new_file(tmp_dir: str, prefix: str, chunks: Iterable[bytes]) -> str:
     """
     name = f"{prefix}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
     path = os.path.join(tmp_dir, name)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        # One write for many small chunks: a syscall per record would cost
-        # more than the records themselves.
-        view = memoryview(b"".join(chunks))
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fdatasync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(path)
-        raise
-    os.close(fd)
+    # One write for many small chunks: a syscall per record would cost
+    # more than the records themselves.
+    disk.create(path, b"".join(chunks))
     return path
 
 
-def rename_into(tmp_path: str, final_dir: str, name: str) -> None:
+def rename_into(tmp_path: str, final_dir: str, name: str, disk: Disk = REAL_DISK) -> None:
     """Rename ``tmp_path`` to ``final_dir/name``, creating the directory.
 
     The directory is not synced here so that callers can share one sync
@@ -75,25 +73,31 @@ def rename_into(tmp_path: str, final_dir: str, name: str) -> None:
     """
     final = os.path.join(final_dir, name)
     try:
-        os.rename(tmp_path, final)
+        disk.rename(tmp_path, final)
     except FileNotFoundError:
         # The bucket directory may have been removed by a consumer that
         # emptied it a moment ago; make it again and retry once.
-        if not os.path.exists(tmp_path):
+        if not disk.exists(tmp_path):
             raise
-        ensure_dir(final_dir)
-        os.rename(tmp_path, final)
+        ensure_dir(final_dir, disk=disk)
+        disk.rename(tmp_path, final)
 
 
-def remove_empty_dirs(*paths: str) -> None:
+def remove_empty_dirs(*paths: str, disk: Disk = REAL_DISK) -> None:
     """Remove each directory in turn while they are empty; stop at the first that is not."""
     for path in paths:
         try:
-            os.rmdir(path)
+            disk.rmdir(path)
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
                 return
             raise
+
+
+def unlink_quietly(path: str, disk: Disk = REAL_DISK) -> None:
+    """Remove ``path`` if it is there."""
+    with contextlib.suppress(FileNotFoundError):
+        disk.unlink(path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -105,11 +109,3 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise

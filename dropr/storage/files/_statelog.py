@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from dropr.storage.files._durable import fsync_dir
+from dropr.storage.files._disk import REAL_DISK, Disk
 
 STATE_NAME = "state"
 
@@ -124,8 +124,9 @@ class BatchState:
 class StateLog:
     """The state log of one bucket directory, read incrementally."""
 
-    def __init__(self, bucket_dir: str) -> None:
+    def __init__(self, bucket_dir: str, disk: Disk = REAL_DISK) -> None:
         self.path = os.path.join(bucket_dir, STATE_NAME)
+        self.disk = disk
         self.batches: dict[str, BatchState] = {}
         self._offset = 0
         self._needs_newline = False
@@ -135,7 +136,7 @@ class StateLog:
     def refresh(self) -> None:
         """Read what other processes (or earlier runs) appended since last time."""
         try:
-            size = os.stat(self.path).st_size
+            size = self.disk.stat(self.path).st_size
         except FileNotFoundError:
             if self._offset:
                 # Removed and perhaps made anew: start over.
@@ -147,9 +148,10 @@ class StateLog:
             self._offset = 0
         if size == self._offset:
             return
-        with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            data = f.read(size - self._offset)
+        try:
+            data = self.disk.read(self.path, self._offset, size - self._offset)
+        except FileNotFoundError:
+            return
         last_newline = data.rfind(b"\n")
         if last_newline < 0:
             self._needs_newline = True
@@ -206,20 +208,11 @@ class StateLog:
         if self._needs_newline:
             # A crash left half a line; start ours on a line of its own.
             text = "\n" + text
-        data = text.encode("ascii")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        self.disk.append(self.path, text.encode("ascii"), sync=sync)
         if sync and not self._entry_synced:
             # A synced line is only durable once the file's directory entry
             # is (another call may have made the file without a sync).
-            fsync_dir(os.path.dirname(self.path))
+            self.disk.sync_dir(os.path.dirname(self.path))
             self._entry_synced = True
         self.refresh()
 
