@@ -137,8 +137,8 @@ class DaemonProcess:
 class ServerProcess(DaemonProcess):
     """``twistd -n dropr-server`` on 127.0.0.1 and a port of its own.
 
-    Loopback only, so it accepts unsigned requests unless ``extra`` gives
-    ``--credentials``.  With ``tls=(key_file, cert_file)`` it speaks HTTPS,
+    Loopback only, and it accepts unsigned requests (``--allow-anonymous-local``)
+    unless ``extra`` gives ``--credentials``.  With ``tls=(key_file, cert_file)`` it speaks HTTPS,
     and ``ca_file`` is what its own health check trusts.
     """
 
@@ -161,6 +161,8 @@ class ServerProcess(DaemonProcess):
         else:
             key, cert = (_escape_endpoint(p) for p in tls)
             listen = f"ssl:{self.port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"
+        if not {"--credentials", "--insecure-allow-anonymous"} & set(extra):
+            extra = ["--allow-anonymous-local", *extra]  # unsigned requests are opt-in
         super().__init__(
             "dropr-server", ["--listen", listen, "--store", store, *extra], logfile, cpu
         )

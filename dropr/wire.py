@@ -46,6 +46,8 @@ from dropr.storage._batchfile import HEAD, MAGIC, FrameError, encode, frame_at
 
 CONTENT_TYPE = "application/x-dropr-batch"
 FRESH_HEADER = "X-Dropr-Fresh"
+#: Bytes of a mapped body parsed between two releases of its pages.
+_RELEASE_EVERY = 8 * 1024 * 1024
 _CHANNEL_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
@@ -113,7 +115,16 @@ def _parse(data: bytes | mmap.mmap, max_payload: int, max_messages: int) -> Pars
     end = len(data)
     pos = len(MAGIC)
     count = 0
+    mapped = isinstance(data, mmap.mmap)
+    released = 0
     while pos < end:
+        if mapped and pos - released >= _RELEASE_EVERY:
+            # The mapped pages already parsed count in the process's memory
+            # until the map is closed; give them back as parsing goes on, so
+            # a large body costs its messages, not their copy as well.
+            upto = pos - pos % mmap.PAGESIZE
+            data.madvise(mmap.MADV_DONTNEED, 0, upto)  # type: ignore[union-attr]
+            released = upto
         count += 1
         if count > max_messages:
             raise WireError(

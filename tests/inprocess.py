@@ -10,8 +10,9 @@ from twisted.internet import defer, reactor, task
 from twisted.python.threadpool import ThreadPool
 
 from dropr.daemon._auth import Authenticator
-from dropr.server._receiver import Limits, make_site
-from dropr.storage.files._storage import FilesystemStorage
+from dropr.server._receiver import Limits
+from dropr.server._resource import make_site
+from dropr.storage._spec import open_store
 
 
 class Server:
@@ -20,13 +21,21 @@ class Server:
         tmp_path: Path,
         limits: Limits,
         authenticator: Authenticator | None = None,
+        spec: str | None = None,
         **storage: Any,
     ) -> None:
-        self.storage = FilesystemStorage(str(tmp_path / "store"), dedup=True, **storage)
+        self.spec = spec or str(tmp_path / "store")
+        self.storage: Any = open_store(self.spec, dedup=True, **storage)
         self.pool = ThreadPool(1, 2, "test-disk")
         self.pool.start()
+        self.work_dir = str(tmp_path / "work")
         site, _resource = make_site(
-            self.storage, limits, reactor, self.pool, authenticator=authenticator
+            self.storage,
+            limits,
+            reactor,
+            self.pool,
+            self.work_dir,
+            authenticator=authenticator,
         )
         self.site = site
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")

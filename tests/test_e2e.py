@@ -16,6 +16,7 @@ import pytest
 from faultproxy import FaultProxy
 
 import dropr
+from dropr.storage._spec import open_store
 from dropr.storage.files._storage import FilesystemStorage
 from dropr.testing import ClientProcess, ServerProcess, free_port, twistd_command, wait_until
 
@@ -25,9 +26,16 @@ pytestmark = pytest.mark.slow
 CHANNELS = ("orders", "audit", "mail")
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    s = ServerProcess(str(tmp_path / "store"), str(tmp_path / "server.log")).start_and_wait()
+def store_spec(tmp_path: Path, kind: str) -> str:
+    """A store of ``kind`` in ``tmp_path``, by the spec dropr-server is given."""
+    return str(tmp_path / "store") if kind == "files" else f"sqlite://{tmp_path}/store.db"
+
+
+@pytest.fixture(params=["files", "sqlite"])
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """A real dropr-server on each kind of store: the suite holds for both."""
+    spec = store_spec(tmp_path, request.param)
+    s = ServerProcess(spec, str(tmp_path / "server.log")).start_and_wait()
     yield s
     s.stop()
 
@@ -39,7 +47,7 @@ def start_client(tmp_path: Path, *extra: str) -> ClientProcess:
 
 
 def stored_count(store: str) -> int:
-    storage = FilesystemStorage(store)
+    storage = open_store(store)
     try:
         return sum(s.depth for s in storage.stats().values())
     finally:
@@ -49,7 +57,8 @@ def stored_count(store: str) -> int:
 def drain(store: str, channels: tuple[str, ...] = CHANNELS) -> dict[str, list[dropr.Message]]:
     """Take and ack everything, per channel, in delivery order."""
     out: dict[str, list[dropr.Message]] = {}
-    with dropr.Store(store) as s:
+    s = open_store(store)
+    try:
         for channel in channels:
             got = out.setdefault(channel, [])
             while True:
@@ -58,6 +67,8 @@ def drain(store: str, channels: tuple[str, ...] = CHANNELS) -> dict[str, list[dr
                     break
                 got.extend(batch)
                 s.ack(batch)
+    finally:
+        s.close()
     return out
 
 
@@ -243,6 +254,7 @@ def test_daemonized_with_pidfile_and_logfile(tmp_path: Path) -> None:
             "dropr-server",
             "--listen",
             f"tcp:{port}:interface=127.0.0.1",
+            "--allow-anonymous-local",
             "--store",
             str(tmp_path / "store"),
         ],

@@ -400,7 +400,7 @@ def test_a_real_server_counts_and_logs_json(tmp_path: Path) -> None:
     # The batch and its resend, each answered "stored" for all four.
     first, _again = [e for e in events if e.get("stored") == 4 and e.get("ids") == ids[:4]]
     assert first["level"] == "info" and first["text"].startswith("stored 4 messages")
-    assert first["namespace"] == "dropr.server._receiver.ReceiverResource"
+    assert first["namespace"] == "dropr.server._resource.ReceiverResource"
     assert first["peer"] == "127.0.0.1" and first["ms"] > 0
     [third] = [e for e in events if e.get("rejected") == 2]
     assert sorted(third["rejected_ids"]) == sorted([too_old.id, ahead.id])
@@ -539,6 +539,7 @@ def test_twistd_logger_option_gives_json_lines_on_stdout(tmp_path: Path) -> None
             "dropr-server",
             "--listen",
             f"tcp:{port}:interface=127.0.0.1",
+            "--allow-anonymous-local",
             "--store",
             str(tmp_path / "store"),
         ],

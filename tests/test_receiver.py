@@ -1,11 +1,20 @@
-"""dropr-server's HTTP side on a real socket: limits, bad input, dedup, answers."""
+"""dropr-server's HTTP side: limits, bad input, dedup, answers.
+
+The first tests run a server on a real socket in the test's reactor; the
+unit tier below drives the site through a StringTransport, with a Clock
+for time and the store's work done at once, without threads.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
 import struct
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +24,30 @@ import pytest_twisted
 import treq
 from inprocess import Server
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from dropr._ids import new_id
 from dropr._message import Message
+from dropr.daemon._auth import NOT_AUTHENTICATED, Authenticator, Credentials, sign_request
+from dropr.errors import InvalidMessage, StorageFull
+from dropr.server._answers import (
+    STORE_FULL,
+    Refusal,
+    error_response,
+    is_canonical_path,
+    refusal_for,
+    single_message_args,
+)
+from dropr.server._fds import NotEnoughDescriptors, plan_connections
 from dropr.server._receiver import Limits
-from dropr.wire import CONTENT_TYPE, encode_batch
+from dropr.server._resource import make_site
+from dropr.server._stats import CappedStats
+from dropr.storage._spec import open_store
+from dropr.wire import CONTENT_TYPE, WireError, encode_batch
 
 
 @pytest.fixture
@@ -253,3 +281,389 @@ def test_an_id_twice_in_one_request_is_stored_once(server: Server) -> Any:
     [m] = server.storage.take("orders", 10)
     assert (m.payload, m.channel, m.priority) == (first.payload, "orders", 5)
     assert server.storage.take("audit", 10) == []
+
+
+# --- the unit tier: the site on a StringTransport, time on a Clock ----------------
+
+
+class FakeReactor(Clock):
+    """A clock whose "threads" run at once, in the caller."""
+
+    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
+        f(*args, **kw)
+
+
+class SyncPool:
+    """A thread pool that runs its work at once (for deferToThreadPool)."""
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any, **kw: Any) -> None:
+        try:
+            result = f(*args, **kw)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+class Wire:
+    """A dropr-server site driven by hand: bytes in, bytes out, no socket, no thread."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        limits: Limits | None = None,
+        authenticator: Authenticator | None = None,
+        spec: str | None = None,
+        **store_options: Any,
+    ) -> None:
+        self.clock = FakeReactor()
+        self.store: Any = open_store(spec or str(tmp_path / "store"), dedup=True, **store_options)
+        self.work_dir = str(tmp_path / "work")
+        self.site, self.resource = make_site(
+            self.store,
+            limits or Limits(),
+            self.clock,  # type: ignore[arg-type]
+            SyncPool(),  # type: ignore[arg-type]
+            self.work_dir,
+            authenticator=authenticator,
+        )
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        channel = self.site.buildProtocol(PEER)
+        transport = StringTransport(peerAddress=PEER)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def exchange(self, *chunks: bytes) -> tuple[int, dict[str, Any], bytes]:
+        """Send ``chunks`` on a new connection; the status, JSON and raw answer."""
+        channel, transport = self.connect()
+        for chunk in chunks:
+            channel.dataReceived(chunk)
+        return parse_answer(transport.value())
+
+    def depth(self) -> int:
+        return sum(s.depth for s in self.store.stats().values())
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def parse_answer(raw: bytes) -> tuple[int, dict[str, Any], bytes]:
+    if not raw:
+        return 0, {}, raw
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        data = {"raw": body.decode("latin-1")}
+    return status, data, raw
+
+
+def request(
+    body: bytes,
+    *,
+    target: bytes = b"/",
+    method: bytes = b"POST",
+    content_type: str = CONTENT_TYPE,
+    headers: dict[str, str] | None = None,
+    length: int | None = None,
+) -> bytes:
+    lines = [
+        method + b" " + target + b" HTTP/1.1",
+        b"Host: x",
+        b"Content-Type: " + content_type.encode(),
+    ]
+    lines.append(b"Content-Length: %d" % (len(body) if length is None else length))
+    lines += [f"{k}: {v}".encode() for k, v in (headers or {}).items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+SECRET = b"s" * 16 + b"-alice"
+ALICE = Credentials("alice", SECRET)
+
+
+def signed(body: bytes, query: str = "", content_type: str = CONTENT_TYPE, **kw: Any) -> bytes:
+    headers = sign_request(ALICE, body, query=query, content_type=content_type)
+    target = b"/" + (b"?" + query.encode() if query else b"")
+    return request(body, target=target, content_type=content_type, headers=headers, **kw)
+
+
+@pytest.fixture
+def wire(tmp_path: Path) -> Iterator[Wire]:
+    w = Wire(tmp_path)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def secured_wire(tmp_path: Path) -> Iterator[Wire]:
+    w = Wire(tmp_path, authenticator=Authenticator({"alice": SECRET}))
+    yield w
+    w.close()
+
+
+def test_answers_are_plain_functions() -> None:
+    assert single_message_args({}) == ("common", 5, None)
+    mid = new_id()
+    args = {b"channel": [b"jobs"], b"priority": [b"1"], b"id": [mid.encode()]}
+    assert single_message_args(args, signed=True) == ("jobs", 1, mid)
+    with pytest.raises(InvalidMessage, match="needs id="):
+        single_message_args({b"channel": [b"jobs"]}, signed=True)
+    with pytest.raises(WireError, match="more than once"):
+        single_message_args({b"channel": [b"a", b"b"]})
+    assert refusal_for(StorageFull("/secret/path is full")) == Refusal(507, STORE_FULL)
+    assert refusal_for(OSError(errno.ENOSPC, "No space left")).status == 507  # type: ignore[union-attr]
+    assert refusal_for(OSError(errno.EMFILE, "Too many open files")).status == 503  # type: ignore[union-attr]
+    assert refusal_for(WireError("bad", 413)) == Refusal(413, "bad")
+    assert refusal_for(RuntimeError("bug")) is None
+    for path in (b"/", b"/health", b"/health/", b"/stats"):
+        assert is_canonical_path(path), path
+    for path in (b"/%73tats", b"//stats", b"/./stats", b"/a/../stats", b"stats", b"/a\\b"):
+        assert not is_canonical_path(path), path
+    raw = error_response(Refusal(503, "busy", retry=True), {"Retry-After": "5"})
+    assert parse_answer(raw)[:2] == (503, {"error": "busy", "retry": True})
+    assert b"Connection: close" in raw and b"Retry-After: 5" in raw
+
+
+def test_a_batch_through_the_site(wire: Wire) -> None:
+    batch = msgs(3)
+    status, answer, _ = wire.exchange(request(encode_batch(batch)))
+    assert status == 200
+    assert sorted(answer["stored"]) == sorted(m.id for m in batch)
+    assert wire.depth() == 3
+    assert os.listdir(wire.work_dir) == []  # the spooled body is gone
+
+
+def test_other_methods_get_405_in_json(wire: Wire) -> None:
+    for method in (b"PUT", b"DELETE", b"PATCH", b"TRACE"):
+        status, answer, raw = wire.exchange(request(b"x" * 100, method=method))
+        assert status == 405, method
+        assert "is not served here" in answer["error"]
+        assert b"Allow: GET, HEAD, POST" in raw
+        status, answer, raw = wire.exchange(request(b"", method=method))
+        assert status == 405, method
+        assert "is not served here" in answer["error"]
+    assert wire.depth() == 0
+
+
+def test_escaped_paths_are_not_served(wire: Wire) -> None:
+    assert wire.exchange(request(b"", method=b"GET", target=b"/health"))[:2] == (
+        200,
+        {"status": "ok"},
+    )
+    for target in (b"/%68ealth", b"//health", b"/./health", b"/%2e/health"):
+        status, answer, _ = wire.exchange(request(b"", method=b"GET", target=target))
+        assert status == 404, target
+        assert "plainly" in answer["error"]
+    status, _, _ = wire.exchange(request(encode_batch(msgs(1)), target=b"/%2F"))
+    assert status == 404
+    assert wire.depth() == 0
+
+
+def test_a_slow_loris_is_answered_408_on_the_clock(tmp_path: Path) -> None:
+    w = Wire(tmp_path, Limits(request_timeout=30.0))
+    try:
+        channel, transport = w.connect()
+        channel.dataReceived(request(b"", length=100))
+        for _ in range(29):  # a byte a second: never idle, never done
+            w.clock.advance(1.0)
+            channel.dataReceived(b"D")
+        assert transport.value() == b""
+        w.clock.advance(1.5)
+        status, answer, _ = parse_answer(transport.value())
+        assert status == 408
+        assert "within 30 seconds" in answer["error"]
+        assert transport.disconnecting
+        assert w.depth() == 0
+        assert w.site.in_flight.held == 0
+    finally:
+        w.close()
+
+
+def test_an_unsigned_head_is_refused_before_its_body(secured_wire: Wire) -> None:
+    """(attack 1) Headers alone are enough to refuse; nothing of the body is spooled."""
+    w = secured_wire
+    zeros = {
+        "X-Dropr-Client": "alice",
+        "X-Dropr-Timestamp": str(int(time.time())),
+        "X-Dropr-Content-SHA256": "0" * 64,
+        "X-Dropr-Signature": "0" * 64,
+    }
+    for headers in ({}, zeros, dict(zeros, **{"X-Dropr-Client": "nobody"})):
+        channel, transport = w.connect()
+        channel.dataReceived(request(b"", headers=headers, length=64 * 1024 * 1024))
+        status, answer, _ = parse_answer(transport.value())
+        assert status == 401
+        assert answer == {"error": NOT_AUTHENTICATED}
+        # What the client goes on sending is read and dropped.
+        channel.dataReceived(b"D" * 1_000_000)
+        assert os.listdir(w.work_dir) == []
+        assert w.site.in_flight.held == 0
+    assert w.depth() == 0
+
+
+def test_a_body_that_is_not_the_one_signed_is_refused(secured_wire: Wire) -> None:
+    body = encode_batch(msgs(2))
+    raw = signed(body)
+    tampered = raw[: -len(body)] + encode_batch(msgs(2))
+    status, answer, _ = secured_wire.exchange(tampered)
+    assert (status, answer) == (401, {"error": NOT_AUTHENTICATED})
+    assert secured_wire.depth() == 0
+    status, answer, _ = secured_wire.exchange(raw)
+    assert status == 200 and len(answer["stored"]) == 2
+
+
+def test_a_signed_single_message_needs_its_id(secured_wire: Wire) -> None:
+    """(attack 2) Replayed, a signed single message is stored once."""
+    status, answer, _ = secured_wire.exchange(signed(b"hello", "channel=jobs", "text/plain"))
+    assert status == 400 and "needs id=" in answer["error"]
+    query = f"channel=jobs&id={new_id()}"
+    raw = signed(b"hello", query, "text/plain")
+    for _ in range(3):  # the request, then two replays byte for byte
+        status, answer, _ = secured_wire.exchange(raw)
+        assert status == 200
+    assert secured_wire.depth() == 1
+
+
+def test_unverified_bytes_in_flight_are_capped_per_client_and_in_all(tmp_path: Path) -> None:
+    limits = Limits(max_request_bytes=1000, max_unverified_per_client=1500, max_unverified=2500)
+    w = Wire(tmp_path, limits, authenticator=Authenticator({"alice": SECRET}, allow_anonymous=True))
+    try:
+        body = encode_batch([Message(new_id(), b"x" * 900, "orders", 5)])
+        raw = signed(body)
+        first, first_t = w.connect()
+        first.dataReceived(raw[:-10])  # all but the last bytes: held
+        assert w.site.in_flight.of("alice") == len(body)
+        second, second_t = w.connect()
+        second.dataReceived(raw[:-10])
+        status, answer, raw_answer = parse_answer(second_t.value())
+        assert status == 503 and answer["retry"] is True
+        assert b"Retry-After" in raw_answer
+        # Anonymous requests count against the total as well.
+        other, _other_t = w.connect()
+        other.dataReceived(request(body)[:-10])
+        assert w.site.in_flight.held == 2 * len(body)
+        third, third_t = w.connect()
+        third.dataReceived(request(body)[:-10])
+        assert parse_answer(third_t.value())[0] == 503
+        # Once a body is whole and matches its signature, it no longer counts.
+        first.dataReceived(raw[-10:])
+        assert parse_answer(first_t.value())[0] == 200
+        assert w.site.in_flight.of("alice") == 0
+        # A connection lost midway gives its bytes back.
+        other.connectionLost(Failure(ConnectionDone()))
+        assert w.site.in_flight.held == 0
+    finally:
+        w.close()
+
+
+def test_a_raw_message_is_held_to_the_payload_limit_before_it_is_read(wire: Wire) -> None:
+    limit = Limits().max_payload
+    channel, transport = wire.connect()
+    channel.dataReceived(request(b"", content_type="text/plain", length=limit + 1))
+    status, _answer, _ = parse_answer(transport.value())
+    assert status == 413
+    assert os.listdir(wire.work_dir) == []
+
+
+def test_out_of_descriptors_is_answered_503(wire: Wire, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(attack 4) A file that cannot be opened for a body is a 503, never a 500."""
+
+    def no_descriptor(*_a: Any, **_kw: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_descriptor)
+    status, answer, _ = wire.exchange(request(encode_batch(msgs(1))))
+    assert status == 503
+    assert "file descriptors" in answer["error"]
+
+
+def test_connection_limits_follow_the_descriptor_limit() -> None:
+    assert plan_connections(None, descriptors=1_048_576) == 1000
+    assert plan_connections(None, descriptors=256) == (256 - 64) // 4
+    assert plan_connections(40, descriptors=256) == 40
+    with pytest.raises(NotEnoughDescriptors, match="LimitNOFILE"):
+        plan_connections(1000, descriptors=1024)
+
+
+@pytest.mark.parametrize("kind", ["files", "sqlite"])
+def test_a_refused_request_stores_nothing_on_any_store(tmp_path: Path, kind: str) -> None:
+    """(attack 6) 507 for a batch over ten channels: none of its messages is stored."""
+    spec = str(tmp_path / "store") if kind == "files" else f"sqlite://{tmp_path}/store.db"
+    w = Wire(tmp_path, spec=spec, max_messages=5)
+    try:
+        batch = [m for i in range(10) for m in msgs(1, channel=f"c{i}")]
+        status, answer, _ = w.exchange(request(encode_batch(batch)))
+        assert status == 507
+        assert answer["error"] == STORE_FULL  # and no path of the store in it
+        assert w.depth() == 0
+        status, _, _ = w.exchange(request(encode_batch(msgs(5))))
+        assert status == 200
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("kind", ["files", "sqlite"])
+def test_channels_are_capped(tmp_path: Path, kind: str) -> None:
+    """(attack 5) Beyond --max-channels new channels are refused; known ones still store."""
+    spec = str(tmp_path / "store") if kind == "files" else f"sqlite://{tmp_path}/store.db"
+    w = Wire(tmp_path, Limits(max_channels=3), spec=spec)
+    try:
+        for name in ("a", "b"):
+            assert w.exchange(request(encode_batch(msgs(1, channel=name))))[0] == 200
+        flood = [m for name in ("c", "d", "e") for m in msgs(1, channel=name)]
+        status, answer, _ = w.exchange(request(encode_batch(flood)))
+        assert status == 507
+        assert "--max-channels" in answer["error"]
+        assert w.depth() == 2
+        assert w.exchange(request(encode_batch(msgs(1, channel="c"))))[0] == 200
+        assert (
+            w.exchange(request(encode_batch(msgs(1, channel="a") + msgs(1, channel="b"))))[0] == 200
+        )
+        assert w.exchange(request(encode_batch(msgs(1, channel="z"))))[0] == 507
+        assert w.store.channel_count() == 3
+    finally:
+        w.close()
+
+
+def test_stats_list_a_bounded_number_of_channels() -> None:
+    class Metrics:
+        def stats_json(self) -> dict[str, Any]:
+            channels = {f"c{i:05d}": {"depth": i % 7} for i in range(1000)}
+            rates = {"channels": {name: [1] for name in channels}}
+            return {"channels": channels, "rates": rates}
+
+    data = CappedStats(Metrics(), limit=10).stats_json()
+    assert data["channels_total"] == 1000 and data["channels_shown"] == 10
+    assert all(c["depth"] == 6 for c in data["channels"].values())  # the fullest
+    assert set(data["rates"]["channels"]) == set(data["channels"])
+    assert len(json.dumps(data)) < 2000
+
+
+def test_sqlite_is_a_receiving_store(tmp_path: Path) -> None:
+    """All or nothing across channels, running figures, drained channels forgotten."""
+    from zope.interface.verify import verifyObject
+
+    from dropr.interfaces import IReceivingStore
+    from dropr.storage._sqlite import SQLiteStorage
+
+    store = SQLiteStorage(str(tmp_path / "store.db"), dedup=True, max_messages=5)
+    try:
+        assert verifyObject(IReceivingStore, store)
+        a, b = msgs(3, channel="a"), msgs(3, channel="b")
+        with pytest.raises(StorageFull):
+            store.store([("a", a), ("b", b)])
+        assert store.usage() == (0, 0) and store.channel_count() == 0
+        assert sorted(store.store([("a", a), ("b", b[:2])])) == sorted(m.id for m in a + b[:2])
+        assert store.store([("a", a)]) == []  # known ids: skipped
+        assert store.usage() == (5, 50) and store.channel_count() == 2
+        assert store.oldest_accepted_id() < a[0].id[:12]
+        store.ack(store.take("b", 10))
+        store.upkeep()
+        assert store.channel_count() == 1
+    finally:
+        store.close()

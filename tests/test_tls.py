@@ -33,7 +33,7 @@ from dropr._ids import new_id
 from dropr._message import Message
 from dropr.client import tap as client_tap
 from dropr.client._transport import HTTPTransport
-from dropr.daemon._tls import TLSConfigError, client_policy, load_ca_certificates
+from dropr.daemon._tls import TLSConfigError, client_policy, is_local_endpoint, load_ca_certificates
 from dropr.server import tap as server_tap
 from dropr.server._receiver import Limits
 from dropr.testing import ClientProcess, ServerProcess, free_port, wait_until
@@ -257,12 +257,22 @@ def test_the_server_refuses_a_private_key_others_can_read(tmp_path: Path, pki: P
             str(tmp_path / "store"),
             "--listen",
             f"ssl:0:privateKey={key}:certKey={pki.cert}:interface=127.0.0.1",
+            "--allow-anonymous-local",
         ]
     )
     with pytest.raises(SystemExit, match=r"TLS private key file .* 'chmod 600"):
         server_tap.makeService(options)
 
 
+def test_an_ssl_listener_is_judged_local_by_its_parsed_interface(pki: PKI) -> None:
+    keys = f"privateKey={pki.key}:certKey={pki.cert}"
+    assert is_local_endpoint(f"ssl:443:{keys}:interface=127.0.0.1")
+    assert is_local_endpoint(f"ssl:443:{pki.key}:{pki.cert}:TLSv1_2_METHOD:127.0.0.1")
+    assert not is_local_endpoint(f"ssl:443:{keys}")
+    assert not is_local_endpoint(f"ssl:443:{keys}:interface=0.0.0.0")
+
+
+@pytest.mark.slow
 def test_twistd_daemons_over_https_with_credentials(tmp_path: Path, pki: PKI) -> None:
     """The whole path: put → dropr-client (--ca-file, --credentials) → ssl: dropr-server."""
     secret = "s3cr3t-" + "x" * 20
@@ -314,6 +324,7 @@ def test_twistd_daemons_over_https_with_credentials(tmp_path: Path, pki: PKI) ->
         server.stop()
 
 
+@pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_the_openssl_recipe_of_the_docs_makes_a_working_ca(tmp_path: Path) -> Any:
     """docs/security.rst's private CA, run as written (its IP replaced by 127.0.0.1)."""

@@ -13,16 +13,22 @@ CA=${3:-}
 IDENTITY=$(awk '!/^#/ && NF == 2 { print $1; exit }' "$CREDENTIALS")
 SECRET=$(awk '!/^#/ && NF == 2 { print $2; exit }' "$CREDENTIALS")
 
-QUERY='channel=orders&priority=3'
+# A signed message names its id: 12 hex digits of milliseconds since the
+# epoch, then 20 random ones.  Sent again (a retry, or a replay by someone
+# who saw the request), it is stored once.
+MS=$(($(date +%s) * 1000))
+ID=$(printf '%012x%s' "$MS" "$(openssl rand -hex 10)")
+QUERY="channel=orders&priority=3&id=$ID"
 TYPE='application/json'
 BODY='{"order": 3}'
 TS=$(date +%s)
 
-# The signature is the HMAC-SHA256, keyed with the secret, of eight lines:
-# scheme, identity, timestamp, method, query, media type, fresh hint (empty
-# here), and the SHA-256 of the body.
+# The signature is the HMAC-SHA256, keyed with the secret, of seven lines:
+# scheme, identity, timestamp, method, query, media type, and the SHA-256
+# of the body, which travels in its own header so that the server checks
+# the signature before it reads the body.
 BODY_SHA=$(printf '%s' "$BODY" | openssl dgst -sha256 -r | cut -d' ' -f1)
-SIGNATURE=$(printf 'dropr-hmac-v1\n%s\n%s\nPOST\n%s\n%s\n\n%s' \
+SIGNATURE=$(printf 'dropr-hmac-v2\n%s\n%s\nPOST\n%s\n%s\n%s' \
         "$IDENTITY" "$TS" "$QUERY" "$TYPE" "$BODY_SHA" |
     openssl dgst -sha256 -hmac "$SECRET" -r | cut -d' ' -f1)
 
@@ -30,6 +36,7 @@ curl -sS --fail-with-body ${CA:+--cacert "$CA"} \
     -H "Content-Type: $TYPE" \
     -H "X-Dropr-Client: $IDENTITY" \
     -H "X-Dropr-Timestamp: $TS" \
+    -H "X-Dropr-Content-SHA256: $BODY_SHA" \
     -H "X-Dropr-Signature: $SIGNATURE" \
     --data-binary "$BODY" "${URL}?${QUERY}"
 echo

@@ -2,28 +2,33 @@
 
 A dropr-client signs every request with the secret it shares with the
 server; the server recomputes the signature and refuses (401) what does
-not match.  Three headers carry it::
+not match.  Four headers carry it::
 
-    X-Dropr-Client:     <identity>
-    X-Dropr-Timestamp:  <seconds since the epoch, an integer>
-    X-Dropr-Signature:  <hex HMAC-SHA256 of the string below, keyed by the secret>
+    X-Dropr-Client:          <identity>
+    X-Dropr-Timestamp:       <seconds since the epoch: digits, no leading zero>
+    X-Dropr-Content-SHA256:  <hex SHA-256 of the request body, lowercase>
+    X-Dropr-Signature:       <hex HMAC-SHA256 of the string below, lowercase>
 
-The string signed is these eight lines joined by ``\\n`` (no newline at
+The string signed is these seven lines joined by ``\\n`` (no newline at
 the end)::
 
-    dropr-hmac-v1
+    dropr-hmac-v2
     <identity>
     <timestamp>
     <method, e.g. POST>
     <query string as sent, without the "?" (often empty)>
     <media type of Content-Type, lowercase, without parameters>
-    <value of X-Dropr-Fresh, or empty>
     <hex SHA-256 of the request body>
 
-The path is left out so that a proxy may mount the server under a prefix;
-everything that decides what is stored (body, query, content type, fresh
-hint) is in.  See docs/security.rst for why HMAC and not client
-certificates, and for the threat model.
+Everything the server needs to check the signature is in the headers, so
+it is checked before a byte of the body is read: a request that is not
+signed by a known client is refused at once and its body never reaches the
+disk.  The body is then held to the signed hash as it arrives, and a
+request whose body does not match is refused (401) before anything is
+stored.  The path is left out so that a proxy may mount the server under a
+prefix; everything that decides what is stored (body, query, content type)
+is in.  See docs/security.rst for why HMAC and not client certificates, and
+for the threat model.
 
 The files holding secrets must not be readable by anyone but their owner:
 :func:`check_private_file` refuses them otherwise, and
@@ -32,7 +37,6 @@ The files holding secrets must not be readable by anyone but their owner:
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import hmac
 import os
@@ -46,26 +50,36 @@ from twisted.web.http_headers import Headers
 
 from dropr.errors import DroprError
 
-SCHEME = "dropr-hmac-v1"
+SCHEME = "dropr-hmac-v2"
 CLIENT_HEADER = "X-Dropr-Client"
 TIMESTAMP_HEADER = "X-Dropr-Timestamp"
+CONTENT_SHA256_HEADER = "X-Dropr-Content-SHA256"
 SIGNATURE_HEADER = "X-Dropr-Signature"
 #: A request's timestamp may be this far from the server's clock (seconds).
 MAX_SKEW = 300.0
 #: Fewest characters of a secret; ``openssl rand -hex 32`` makes 64.
 MIN_SECRET_LENGTH = 16
-#: Most fresh requests remembered for replay detection; beyond, the fresh
-#: hint is ignored (the dedup index then catches every replay).
-MAX_REMEMBERED = 1_000_000
+#: What every refused request is told, whatever was wrong with it: a
+#: prober learns nothing (which identities exist, whether its clock is
+#: right) from the answer.  The server's log says what was wrong.
+NOT_AUTHENTICATED = (
+    "request not authenticated: sign it as a client this server knows, with "
+    "its secret and the current time (see docs/security)"
+)
 
 _IDENTITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 _SECRET_RE = re.compile(r"[\x21-\x7e]+\Z")
-_TIMESTAMP_RE = re.compile(r"[0-9]{1,12}\Z")
-_SIGNATURE_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
+#: One canonical form: no sign, no leading zero, no padding.
+_TIMESTAMP_RE = re.compile(r"(?:0|[1-9][0-9]{0,11})\Z")
+_HEX256_RE = re.compile(r"[0-9a-f]{64}\Z")
 
 
 class AuthError(DroprError):
-    """A request that is not authenticated: answered 401, nothing stored."""
+    """A request that is not authenticated: answered 401, nothing stored.
+
+    Its text says what was wrong, for the server's log; the client is only
+    ever told :data:`NOT_AUTHENTICATED`.
+    """
 
 
 class CredentialsError(DroprError):
@@ -105,12 +119,14 @@ def check_private_file(path: str, what: str = "credentials file") -> None:
         )
 
 
-def check_not_world_writable(path: str, what: str) -> None:
+def check_not_world_writable(path: str, what: str, *, group_too: bool = False) -> None:
     """Raise :class:`CredentialsError` if the existing directory ``path`` is writable by all.
 
     Anyone could then plant files or links in a spool or store and have a
     daemon read or move them.  dropr makes its directories owner-only
-    (0700); a missing directory is fine (it is made so).
+    (0700); a missing directory is fine (it is made so).  With
+    ``group_too`` a directory its group may write is refused as well (the
+    server's store: a member of the group could plant messages).
     """
     try:
         st = os.stat(path)
@@ -119,9 +135,10 @@ def check_not_world_writable(path: str, what: str) -> None:
     except OSError as e:
         raise CredentialsError(f"cannot use {what} {path}: {e.strerror}") from None
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o002:
+    if mode & (0o022 if group_too else 0o002):
+        who = "every user" if mode & 0o002 else "its group"
         raise CredentialsError(
-            f"{what} {path} is writable by every user (mode {mode:04o}): anyone could "
+            f"{what} {path} is writable by {who} (mode {mode:04o}): they could "
             f"plant files in it; make it owner-only with 'chmod 700 {path}'"
         )
 
@@ -203,12 +220,11 @@ def string_to_sign(
     method: str,
     query: str,
     content_type: str,
-    fresh: str,
     body_sha256: str,
 ) -> bytes:
     """The bytes a request's signature is the HMAC of (see the module's doc)."""
     return "\n".join(
-        (SCHEME, identity, str(timestamp), method, query, content_type, fresh, body_sha256)
+        (SCHEME, identity, str(timestamp), method, query, content_type, body_sha256)
     ).encode("latin-1")
 
 
@@ -224,34 +240,30 @@ def sign_request(
     method: str = "POST",
     query: str = "",
     content_type: str = "",
-    fresh: str = "",
     now: float | None = None,
 ) -> dict[str, str]:
     """The headers that authenticate a request with ``credentials``."""
     timestamp = int(time.time() if now is None else now)
+    body_sha256 = hashlib.sha256(body).hexdigest()
     message = string_to_sign(
-        credentials.identity,
-        timestamp,
-        method,
-        query,
-        media_type(content_type),
-        fresh,
-        hashlib.sha256(body).hexdigest(),
+        credentials.identity, timestamp, method, query, media_type(content_type), body_sha256
     )
     return {
         CLIENT_HEADER: credentials.identity,
         TIMESTAMP_HEADER: str(timestamp),
+        CONTENT_SHA256_HEADER: body_sha256,
         SIGNATURE_HEADER: signature(credentials.secret, message),
     }
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What a request says about who sent it, not yet verified."""
+    """A request whose signed headers were verified; its body is still to be held to them."""
 
     identity: str
     timestamp: int
-    signature: bytes
+    #: Hex SHA-256 the body must have (the signature covers it).
+    body_sha256: str
 
 
 class Authenticator:
@@ -269,116 +281,76 @@ class Authenticator:
         allow_anonymous: bool = False,
         clock: Callable[[], float] = time.time,
         max_skew: float = MAX_SKEW,
-        max_remembered: int = MAX_REMEMBERED,
     ) -> None:
         self.secrets = dict(secrets)
         self.allow_anonymous = allow_anonymous
         self.max_skew = max_skew
-        self.max_remembered = max_remembered
         self._clock = clock
-        self.started = clock()
-        self._seen: set[bytes] = set()
-        self._expiry: collections.deque[tuple[float, bytes]] = collections.deque()
+        # A key for unknown identities, so that refusing one costs the same
+        # HMAC as refusing a wrong signature of a known one.
+        self._decoy = os.urandom(32)
 
-    def check_headers(self, headers: Headers, has_body: bool) -> Claim | None:
-        """The claim of a request's headers, checked as far as headers go.
+    def check(
+        self, headers: Headers, method: str, query: str, content_type: str, has_body: bool
+    ) -> Claim | None:
+        """Verify a request's signature from its head alone, before its body is read.
 
-        Returns None for a request without any of the headers when that is
-        acceptable: anonymous requests are allowed, or the request has no
-        body (a ``GET``; a ``POST`` without a body is refused later, by
-        :meth:`require`).  Raises :class:`AuthError` for everything else:
-        headers missing or malformed, an unknown identity, a timestamp too
-        far from the server's clock.  The signature itself needs the body
-        and is checked by :meth:`verify`.
+        Returns the verified :class:`Claim`, or None for a request without
+        any of the headers when that is acceptable (anonymous requests are
+        allowed, or it has no body, like a ``GET``).  Raises
+        :class:`AuthError` for everything else; its text is for the log,
+        since every refusal is answered alike (:data:`NOT_AUTHENTICATED`).
         """
-        identity = _header(headers, CLIENT_HEADER)
-        timestamp = _header(headers, TIMESTAMP_HEADER)
-        sig = _header(headers, SIGNATURE_HEADER)
-        if identity is None and timestamp is None and sig is None:
+        fields = [
+            _header(headers, name)
+            for name in (CLIENT_HEADER, TIMESTAMP_HEADER, CONTENT_SHA256_HEADER, SIGNATURE_HEADER)
+        ]
+        identity, timestamp, body_sha256, sig = fields
+        if all(f is None for f in fields):
             if self.allow_anonymous or not has_body:
                 return None
+            raise AuthError("unsigned request")
+        if identity is None or timestamp is None or body_sha256 is None or sig is None:
             raise AuthError(
-                f"authentication required: sign the request ({CLIENT_HEADER}, "
-                f"{TIMESTAMP_HEADER}, {SIGNATURE_HEADER}; see docs/security)"
+                f"incomplete authentication: {CLIENT_HEADER}, {TIMESTAMP_HEADER}, "
+                f"{CONTENT_SHA256_HEADER} and {SIGNATURE_HEADER} go together"
             )
-        if identity is None or timestamp is None or sig is None:
-            raise AuthError(
-                f"incomplete authentication: {CLIENT_HEADER}, {TIMESTAMP_HEADER} "
-                f"and {SIGNATURE_HEADER} go together"
-            )
-        if identity not in self.secrets:
-            # The same answer as a wrong signature would tell a prober which
-            # identities exist; this one is no more helpful than that.
-            raise AuthError("unknown client or wrong signature")
-        if not _TIMESTAMP_RE.match(timestamp):
-            raise AuthError(f"{TIMESTAMP_HEADER} must be seconds since the epoch")
-        if not _SIGNATURE_RE.match(sig):
-            raise AuthError(f"{SIGNATURE_HEADER} must be 64 hex digits (HMAC-SHA256)")
-        ts = int(timestamp)
-        skew = ts - self._clock()
-        if abs(skew) > self.max_skew:
-            raise AuthError(
-                f"request timestamp is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} "
-                f"this server's clock (at most {self.max_skew:.0f} s allowed): check "
-                "the client's clock; a replayed old request is refused this way too"
-            )
-        return Claim(identity, ts, bytes.fromhex(sig))
+        # Every check below runs, and the HMAC is computed, whatever fails
+        # first: a refusal takes the same time for every reason.
+        problems = []
+        secret = self.secrets.get(identity)
+        if secret is None:
+            problems.append(f"unknown client {identity[:64]!r}")
+        ts = int(timestamp) if _TIMESTAMP_RE.match(timestamp) else None
+        if ts is None:
+            problems.append(f"{TIMESTAMP_HEADER} is not seconds since the epoch")
+        else:
+            skew = ts - self._clock()
+            if abs(skew) > self.max_skew:
+                problems.append(
+                    f"timestamp {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} "
+                    f"this server's clock (at most {self.max_skew:.0f} s): check the "
+                    "client's clock, or an old request was replayed"
+                )
+        if not _HEX256_RE.match(body_sha256):
+            problems.append(f"{CONTENT_SHA256_HEADER} is not 64 lowercase hex digits")
+        if not _HEX256_RE.match(sig):
+            problems.append(f"{SIGNATURE_HEADER} is not 64 lowercase hex digits")
+        message = string_to_sign(
+            identity, ts or 0, method, query, media_type(content_type), body_sha256
+        )
+        expected = hmac.new(secret or self._decoy, message, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected.encode("ascii"), sig.encode("ascii", "replace")):
+            problems.append("wrong signature")
+        if problems:
+            raise AuthError(f"client {identity[:64]!r}: {'; '.join(problems)}")
+        assert ts is not None
+        return Claim(identity, ts, body_sha256)
 
     def require(self, claim: Claim | None) -> None:
         """Raise :class:`AuthError` if a request that stores must be signed and is not."""
         if claim is None and not self.allow_anonymous:
-            raise AuthError(
-                f"authentication required: sign the request ({CLIENT_HEADER}, "
-                f"{TIMESTAMP_HEADER}, {SIGNATURE_HEADER}; see docs/security)"
-            )
-
-    def verify(
-        self,
-        claim: Claim,
-        method: str,
-        query: str,
-        content_type: str,
-        fresh: str,
-        body_sha256: str,
-    ) -> None:
-        """Raise :class:`AuthError` unless ``claim``'s signature is right for this request."""
-        message = string_to_sign(
-            claim.identity,
-            claim.timestamp,
-            method,
-            query,
-            media_type(content_type),
-            fresh,
-            body_sha256,
-        )
-        expected = hmac.new(self.secrets[claim.identity], message, hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, claim.signature):
-            raise AuthError("unknown client or wrong signature")
-
-    def fresh_allowed(self, claim: Claim) -> bool:
-        """Whether a signed request may use the fresh hint (skip dedup lookups).
-
-        A fresh request replayed verbatim would be stored twice, since its
-        ids are not looked up.  So the hint holds only the first time a
-        signature is seen, and only for requests signed after this server
-        started (plus the allowed skew): one sent to a previous run of the
-        server may be replayed to this one, which never saw it.  Every other
-        request is looked up in the dedup index, where a replay stores
-        nothing.
-        """
-        now = self._clock()
-        while self._expiry and self._expiry[0][0] < now:
-            _, old = self._expiry.popleft()
-            self._seen.discard(old)
-        if claim.timestamp < self.started + self.max_skew:
-            return False
-        if claim.signature in self._seen or len(self._seen) >= self.max_remembered:
-            return False
-        self._seen.add(claim.signature)
-        # Beyond timestamp + skew the request is refused by its timestamp
-        # anyway, so it need not be remembered longer.
-        self._expiry.append((claim.timestamp + self.max_skew + 1, claim.signature))
-        return True
+            raise AuthError("unsigned request")
 
 
 def _header(headers: Headers, name: str) -> str | None:

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Any
 
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    UNIXServerEndpoint,
+    serverFromString,
+)
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
@@ -102,24 +111,48 @@ def _argument(args: list[str], kwargs: dict[str, str], name: str, position: int)
     return args[position] if len(args) > position else None
 
 
-def is_local_endpoint(description: str) -> bool:
-    """True when only this host can connect: a loopback interface or a UNIX socket."""
-    kind, args, kwargs = parse_endpoint(description)
-    kind = kind.lower()
-    if kind == "unix":
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """The endpoint ``description`` names, as ``serverFromString`` reads it.
+
+    A ``unix:`` socket is made owner-only (``mode=600``) unless the
+    description gives a ``mode=`` of its own: Twisted's default lets every
+    local user connect.
+    """
+    kind, _args, kwargs = parse_endpoint(description)
+    if kind.lower() == "unix" and "mode" not in kwargs:
+        description += ":mode=600"
+    try:
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+        return endpoint
+    except Exception as e:  # a bad string, a missing or unreadable key file, ...
+        raise TLSConfigError(f"cannot listen on {description}: {e}") from None
+
+
+def is_local(endpoint: IStreamServerEndpoint) -> bool:
+    """True when only this host can connect: a loopback interface or a UNIX socket.
+
+    Judged from the endpoint as parsed (its ``interface=``, positional or
+    keyword), not from the text.
+    """
+    if isinstance(endpoint, UNIXServerEndpoint):
         return True
-    if kind in ("tcp", "tcp6"):
-        interface = _argument(args, kwargs, "interface", 2)
-    elif kind == "ssl":
-        interface = _argument(args, kwargs, "interface", 4)
-    else:
+    # TCP4, TCP6 and SSL4 endpoints keep the interface they bind to here.
+    interface = getattr(endpoint, "_interface", None)
+    if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint)):
         return False
     if not interface:
         return False  # every interface
     try:
-        return ipaddress.ip_address(interface.strip("[]")).is_loopback
+        return ipaddress.ip_address(str(interface).strip("[]")).is_loopback
     except ValueError:
-        return interface == "localhost"
+        return bool(interface == "localhost")
+
+
+def is_local_endpoint(description: str, reactor: Any = None) -> bool:
+    """:func:`is_local` of the endpoint ``description`` names."""
+    if reactor is None:
+        from twisted.internet import reactor
+    return is_local(server_endpoint(reactor, description))
 
 
 def check_endpoint_key(description: str) -> None:

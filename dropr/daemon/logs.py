@@ -6,7 +6,7 @@ the default level.  Text output shows the formatted sentence; JSON output
 (``--log-format json``) keeps every field, for log shippers and ``jq``::
 
     {"time": "2026-11-27T21:03:04.512+00:00", "level": "info",
-     "namespace": "dropr.server._receiver.ReceiverResource",
+     "namespace": "dropr.server._resource.ReceiverResource",
      "text": "stored 500 messages, rejected 0 in 11.5 ms from 10.0.0.7",
      "stored": 500, "rejected": 0, "ms": 11.53, "peer": "10.0.0.7",
      "ids": ["01a2...", ...], ...}

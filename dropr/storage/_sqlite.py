@@ -14,6 +14,8 @@ claim the same message.
 
 Schema::
 
+    channels   every queue holding messages, with their number (triggers);
+               drained ones are removed by ``upkeep``
     messages   waiting and taken messages; ``seq`` is the insertion order,
                ``lease_until`` (ms) > now means claimed by ``claim``
     failed     failed messages with their reason
@@ -30,11 +32,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from dropr._ids import id_millis, id_time
@@ -50,7 +53,9 @@ from dropr.errors import (
 from dropr.interfaces import (
     FailedMessage,
     IMessageAdmin,
+    IReceivingStore,
     IStorage,
+    IUsage,
     OpenMessage,
     QueueStats,
 )
@@ -102,6 +107,22 @@ END;
 CREATE TRIGGER IF NOT EXISTS messages_removed AFTER DELETE ON messages BEGIN
     UPDATE totals SET count = count - 1, bytes = bytes - OLD.size WHERE k = 0;
 END;
+CREATE TABLE IF NOT EXISTS channels (
+    queue TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS channel_added AFTER INSERT ON messages BEGIN
+    INSERT INTO channels (queue, count) VALUES (NEW.queue, 1)
+        ON CONFLICT (queue) DO UPDATE SET count = count + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS channel_drained AFTER DELETE ON messages BEGIN
+    UPDATE channels SET count = count - 1 WHERE queue = OLD.queue;
+END;
+"""
+#: A database made before the channels table: count its channels once.
+_FILL_CHANNELS = """
+INSERT OR IGNORE INTO channels (queue, count)
+    SELECT queue, COUNT(*) FROM messages GROUP BY queue;
 """
 
 #: Seconds between two prunes of the dedup index; pruning is a range delete
@@ -147,7 +168,7 @@ def _chunks(items: Sequence[int]) -> Iterator[Sequence[int]]:
 _CLAIM_BITS = 24
 
 
-@implementer(IStorage, IMessageAdmin)
+@implementer(IStorage, IUsage, IReceivingStore, IMessageAdmin)
 class SQLiteStorage(NothingLeftBehind):
     """Durable queues in one SQLite database (WAL mode); see the module docstring.
 
@@ -170,6 +191,8 @@ class SQLiteStorage(NothingLeftBehind):
     :param timeout: seconds to wait for another process's write lock.
     :param clock: the time, in seconds since the epoch (tests pass a fake).
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -230,7 +253,11 @@ class SQLiteStorage(NothingLeftBehind):
             self._set_synchronous("FULL")
             # One transaction, so two processes opening a new file at once
             # do not both try to create the schema.
-            self._db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+            fresh = not self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'channels'"
+            ).fetchone()
+            fill = _FILL_CHANNELS if fresh else ""
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{fill}\nCOMMIT;")
             # The database (and WAL) file may be new: make their directory
             # entries durable too, or a power loss could lose the whole file.
             fsync_dir(os.path.dirname(self.path))
@@ -324,51 +351,102 @@ class SQLiteStorage(NothingLeftBehind):
 
     def add(self, queue: str, messages: Sequence[Message]) -> list[str]:
         """Store ``messages`` in ``queue``, durably; see ``IStorage.add``."""
-        validate_queue(queue)
-        messages = list(messages)
-        for m in messages:
-            m.validate(self.max_payload)
+        return self.store([(queue, messages)])
+
+    def store(
+        self,
+        batches: Sequence[tuple[str, Sequence[Message]]],
+        records: Mapping[str, bytes] | None = None,
+    ) -> list[str]:
+        """Store ``(queue, messages)`` pairs in one transaction: all or nothing.
+
+        See ``IReceivingStore.store``; ``records`` are not needed here (the
+        messages are rows, not framed records).
+        """
+        groups = [(validate_queue(queue), list(messages)) for queue, messages in batches]
+        for _queue, group in groups:
+            for m in group:
+                m.validate(self.max_payload)
         with self._mutex:
             self._check_open()
             now = self._clock()
             if self.dedup:
-                self._refuse_too_old(messages, now)
-            if not messages:
+                for _queue, group in groups:
+                    self._refuse_too_old(group, now)
+            if not any(group for _queue, group in groups):
                 return []
             with self._transaction(sync=True) as db:
                 if self.dedup:
                     self._maybe_prune(db, now)
-                    new = []
-                    for m in messages:
-                        cur = db.execute(
-                            "INSERT OR IGNORE INTO seen (id, ms) VALUES (?, ?)",
-                            (bytes.fromhex(m.id), id_millis(m.id)),
+                rows = []
+                for queue, group in groups:
+                    for m in group:
+                        if self.dedup:
+                            cur = db.execute(
+                                "INSERT OR IGNORE INTO seen (id, ms) VALUES (?, ?)",
+                                (bytes.fromhex(m.id), id_millis(m.id)),
+                            )
+                            if not cur.rowcount:
+                                continue
+                        rows.append(
+                            (
+                                queue,
+                                m.id,
+                                m.priority,
+                                m.channel,
+                                m.destination,
+                                len(m.payload),
+                                m.payload,
+                            )
                         )
-                        if cur.rowcount:
-                            new.append(m)
-                else:
-                    new = messages
-                if not new:
+                if not rows:
                     return []
                 # Raising here rolls back the ids recorded above as well.
-                self._check_limits(db, len(new), sum(len(m.payload) for m in new))
+                self._check_limits(db, len(rows), sum(row[5] for row in rows))
                 db.executemany(
                     "INSERT INTO messages (queue, id, priority, channel, destination, "
                     "size, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            queue,
-                            m.id,
-                            m.priority,
-                            m.channel,
-                            m.destination,
-                            len(m.payload),
-                            m.payload,
-                        )
-                        for m in new
-                    ],
+                    rows,
                 )
-            return [m.id for m in new]
+            return [row[1] for row in rows]
+
+    # -- what dropr-server needs (IReceivingStore) -------------------------------
+
+    def oldest_accepted_id(self) -> str:
+        """Ids sorting below this are older than the dedup window; see IReceivingStore."""
+        if not self.dedup:
+            return ""
+        return f"{max(0, int((self._clock() - self.dedup_window) * 1000)):012x}"
+
+    def channel_count(self) -> int:
+        """Channels that hold messages (kept by triggers: no scan of the messages)."""
+        with self._mutex:
+            self._check_open()
+            (count,) = self._db.execute("SELECT COUNT(*) FROM channels").fetchone()
+        return int(count)
+
+    def usage(self) -> tuple[int, int]:
+        """``(messages, payload bytes)`` waiting, from the running totals."""
+        with self._mutex:
+            self._check_open()
+            count, nbytes = self._db.execute(
+                "SELECT count, bytes FROM totals WHERE k = 0"
+            ).fetchone()
+        return int(count), int(nbytes)
+
+    def upkeep(self) -> None:
+        """Prune ids older than the window and forget drained channels."""
+        with self._mutex:
+            if self._closed:
+                return
+            try:
+                with self._transaction(sync=False) as db:
+                    if self.dedup:
+                        self._maybe_prune(db, self._clock())
+                    db.execute("DELETE FROM channels WHERE count <= 0")
+            except sqlite3.OperationalError as e:
+                # A full disk or a busy database: the next round tries again.
+                self.log.warn("store upkeep waits: {error}", error=str(e))
 
     def _refuse_too_old(self, messages: Sequence[Message], now: float) -> None:
         # An id older than the window may have been stored and forgotten since;
