@@ -15,6 +15,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,6 +35,7 @@ from dropr.server._receiver import Limits
 from dropr.storage import _batchfile as batchfile
 from dropr.storage.files._disk import Disk
 from dropr.storage.files._storage import FilesystemStorage
+from dropr.testing import ClientProcess
 
 Q = "orders"
 
@@ -121,33 +123,46 @@ def _spool_with(path: Path, disk: Disk) -> dropr.Spool:
     return spool
 
 
+def _spool_depth(spool: dropr.Spool, destination: str) -> int:
+    stats = spool.stats().get(destination)
+    return 0 if stats is None else stats.depth
+
+
 @pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_breach1_a_failed_spool_ack_does_not_store_twice(
     tmp_path: Path, pool: ThreadPool, transport: HTTPTransport
 ) -> Any:
-    """(breach 1) The server stored a batch, the client's ack append failed:
-    the batch is sent again and the server still holds one copy."""
+    """(breach 1) A running client sends a batch put after it started; the
+    server stores it; the client's ack append fails (ENOSPC, once).  The next
+    rescan sends the batch again, and the server still holds one copy."""
     server = Server(tmp_path, Limits())
     disk = _AckAppendFails()
     spool = _spool_with(tmp_path / "spool", disk)
+    sender = DestinationSender(
+        spool.storage,
+        server.url,
+        transport,
+        reactor,
+        thread_pool_runner(reactor, pool),
+        backoff_base=0.05,
+    )
+    # The client daemon's rescan: it wakes every sender now and then, which
+    # is what sends a batch whose ack failed again.
+    rescan = task.LoopingCall(sender.wake)
     try:
-        spool.put_many([b"a", b"b", b"c"], server.url, Q)
-        sender = DestinationSender(
-            spool.storage,
-            server.url,
-            transport,
-            reactor,
-            thread_pool_runner(reactor, pool),
-            backoff_base=0.05,
-        )
-        sender.wake()
-        yield until(lambda: disk.failed == 1)
-        yield until(lambda: spool.stats().get(server.url) is None or not spool.take(server.url, 10))
+        yield task.deferLater(reactor, 0.05, lambda: None)  # the client runs a while
+        put = spool.put_many([b"a", b"b", b"c"], server.url, Q)
+        rescan.start(0.1)
+        yield until(lambda: disk.failed == 1 and _spool_depth(spool, server.url) == 0)
+        rescan.stop()
         yield sender.stop()
+        assert sender.sent == 6  # sent, its ack failed, sent again
         ids = _server_copies(server)
-        assert len(ids) == 3 and len(set(ids)) == 3
+        assert sorted(ids) == sorted(put), f"stored {len(ids)} copies of {len(put)} messages"
     finally:
+        if rescan.running:
+            rescan.stop()
         spool.close()
         yield server.stop()
 
@@ -155,34 +170,50 @@ def test_breach1_a_failed_spool_ack_does_not_store_twice(
 @pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_breach2_an_empty_future_bucket_does_not_store_twice(
-    tmp_path: Path, pool: ThreadPool, transport: HTTPTransport
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Any:
-    """(breach 2) A producer killed between mkdir and rename left an empty
-    bucket dated in the future; a message the server stored but the spool
-    never acked is sent again and stored once."""
+    """(breach 2) The wall clock stepped back ten minutes.  Before the step, a
+    message was put, stored by the server and never acked (the client died),
+    and a producer was killed between mkdir and rename, leaving an empty
+    bucket newer than any batch.  A dropr-client started after the step
+    sends the message again, and the server still holds one copy."""
+    import dropr._ids as ids_module
+    import dropr.storage.files._storage as storage_module
+
     server = Server(tmp_path, Limits())
     spool = dropr.Spool(str(tmp_path / "spool"))
+    client = ClientProcess(str(tmp_path / "spool"), str(tmp_path / "client.log"))
     try:
-        spool.put(b"stored, not acked", server.url, Q)
-        [m] = spool.storage.take(server.url, 1)
-        assert server.storage.add(Q, [Message(m.id, m.payload, Q, m.priority)]) == [m.id]
-        spool.storage.release([m])
-        future = new_id(time.time() + 3600)
-        qdir = os.listdir(tmp_path / "spool" / "queues")[0]
-        (tmp_path / "spool" / "queues" / qdir / "5" / future[:7] / future[7:9]).mkdir(parents=True)
-        sender = DestinationSender(
-            spool.storage,
-            server.url,
-            transport,
-            reactor,
-            thread_pool_runner(reactor, pool),
-            backoff_base=0.05,
-        )
-        sender.wake()
-        yield until(lambda: not spool.take(server.url, 10))
-        yield sender.stop()
+        before_step = time.time() + 600
+        # Before the step the clock read ten minutes later than it does now:
+        # the producer's ids and its batch's bucket date from then (as does
+        # every later id of this process, until the "restart" below).
+        monkeypatch.setattr(ids_module, "_last_ms", ids_module._last_ms)
+        with monkeypatch.context() as ahead:
+            ahead.setattr(ids_module, "time", SimpleNamespace(time=lambda: before_step))
+            ahead.setattr(storage_module, "new_id", ids_module.new_id)
+            spool.put(b"stored, not acked", server.url, Q)
+            [m] = spool.storage.take(server.url, 1)
+            # The client sent it, the server stored it, the client died
+            # before its ack: its lease is a dead owner's, free again.
+            assert server.storage.add(Q, [Message(m.id, m.payload, Q, m.priority)]) == [m.id]
+            spool.storage.release([m])
+            # A producer killed between mkdir and rename, a little later.
+            killed = new_id(before_step + 60)
+            qdir = os.listdir(tmp_path / "spool" / "queues")[0]
+            pdir = tmp_path / "spool" / "queues" / qdir / "5"
+            (pdir / killed[:7] / killed[7:9]).mkdir(parents=True)
+        # The step back; the daemon below is a new process on the real clock.
+        monkeypatch.setattr(ids_module, "_last_ms", 0)
+        assert m.created > time.time() + 500  # it dates after the client's start
+        assert not any(max(pdir.glob("*/*")).iterdir())  # the newest bucket is the empty one
+        client.start()
+        yield until(lambda: _spool_depth(spool, server.url) == 0 or not client.alive(), 30)
+        assert client.alive(), client.log_text()
+        assert "sent 1 to" in client.log_text()  # the daemon sent it again
         assert _server_copies(server) == [m.id]
     finally:
+        client.stop()
         spool.close()
         yield server.stop()
 
