@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test test-fast install install-run browser postgresql lint docs bench clean
+.PHONY: demo test test-fast install install-run browser php postgresql lint docs bench sidebyside clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ browser:
 		echo "chromium is missing (apt-get install chromium): the status page test will fail"; \
 	fi
 
+# tests/test_putsocket_examples.py runs docs/examples/put.php; as root,
+# install php-cli (Debian's package) when it is missing.
+php:
+	@command -v php >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q php-cli; \
+	else \
+		echo "php is missing (apt-get install php-cli): the PHP example's test is skipped"; \
+	fi
+
 # The PostgreSQL store's tests start a cluster of their own (initdb, pg_ctl)
 # and put HAProxy in front of several servers: Debian's packages, installed
 # as root when missing.
@@ -47,7 +57,7 @@ postgresql:
 
 # Both tiers: the fast one first, so a plain mistake shows in a minute, then
 # the slow one (processes, chaos, crash loops, the browser, PostgreSQL).
-test: install browser postgresql
+test: install browser php postgresql
 	$(BIN)/ruff check dropr tests bench twisted
 	$(BIN)/ruff format --check dropr tests bench twisted
 	$(BIN)/mypy
@@ -60,6 +70,11 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/put.py
+
+# dropr, dropr at 5d1f997, RabbitMQ and a naive pipeline side by side (as
+# root it installs rabbitmq-server; see bench/sidebyside.py).
+sidebyside: install
+	$(BIN)/python bench/sidebyside.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info docs/_build .mypy_cache .ruff_cache .pytest_cache

@@ -8,8 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).parent.parent / "dropr"
 
 #: Modules that may name FilesystemStorage besides the storage package: fsck
-#: checks files by nature; the server still builds its store by hand.
-NAMES_FILESYSTEM = {"admin/_fsck.py", "server/tap.py", "server/_receiver.py"}
+#: checks files by nature.
+NAMES_FILESYSTEM = {"admin/_fsck.py"}
 
 
 def imports(path: Path) -> set[str]:

@@ -312,6 +312,14 @@ def test_a_stub_server_that_is_down_holds_messages_back() -> None:
     assert rig.waiting() == 0 and server.store.usage() == (3, 30)
 
 
+def test_the_example_in_the_api_docs_runs() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "api.rst").read_text(encoding="utf-8")
+    start = text.index("virtual time: a memory spool")
+    block = text[text.index("::\n\n", start) + 3 : text.index(".. automodule:: dropr.testing")]
+    code = "\n".join(line[4:] for line in block.splitlines())
+    exec(compile(code, "docs/api.rst", "exec"), {})
+
+
 def test_fake_transport_provides_itransport() -> None:
     assert verifyObject(ITransport, FakeTransport())
     assert verifyObject(ITransport, StubServer().transport)

@@ -6,11 +6,12 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from dropr._ids import new_ids
+from dropr._ids import new_id, new_ids
 from dropr._message import (
     DEFAULT_CHANNEL,
     DEFAULT_MAX_PAYLOAD,
@@ -22,7 +23,9 @@ from dropr._message import (
     validate_priority,
 )
 from dropr.client._notify import poke
-from dropr.errors import StorageFull
+from dropr.client._putclient import PutSocketClient, Refused, Stored
+from dropr.client._putsocket import socket_path
+from dropr.errors import InvalidMessage, StorageFull
 from dropr.interfaces import QueueStats
 from dropr.storage import FilesystemStorage
 
@@ -51,6 +54,11 @@ class Spool:
     :param max_payload: the largest payload accepted, in bytes.
     :param daemon: open as the client daemon: the only taker, holding the
         spool's lock (a second daemon on the same spool is refused).
+    :param put_socket: hand single puts to the client daemon's socket
+        (``put.sock`` in the spool) when it answers, so that concurrent
+        puts share one sync; else, or when it does not answer within
+        ``put_timeout`` seconds, write the batch file here.  By default
+        on, unless ``$DROPR_PUT_SOCKET`` is ``0``.
     """
 
     def __init__(
@@ -62,8 +70,18 @@ class Spool:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         lease: float = 300.0,
         daemon: bool = False,
+        put_socket: bool | None = None,
+        put_timeout: float = 5.0,
     ) -> None:
         self.path = os.path.abspath(path or default_spool_path())
+        self._put_client: PutSocketClient | None = None
+        if put_socket is None:
+            put_socket = os.environ.get("DROPR_PUT_SOCKET", "1") != "0"
+        if put_socket and not daemon:
+            self._put_client = PutSocketClient(socket_path(self.path), put_timeout)
+        self._turn: list[tuple[Message, Deferred[str]]] = []
+        #: Single puts the daemon did not take, written by this process itself.
+        self.written_here = 0
         try:
             self.storage = FilesystemStorage(
                 self.path,
@@ -88,8 +106,78 @@ class Spool:
         priority: int = DEFAULT_PRIORITY,
         block: float | None = None,
     ) -> str:
-        """Spool one message for ``destination``; return its id once durable."""
-        return self.put_many([payload], destination, channel, priority, block)[0]
+        """Spool one message for ``destination``; return its id once durable.
+
+        With the client daemon running, the message goes through its put
+        socket and shares a sync with the puts of other producers; without
+        it, this process writes the batch file itself.
+        """
+        message = self._message(payload, destination, channel, priority)
+        outcome = self._put_messages([message], block)[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _message(
+        self, payload: bytes | str, destination: str, channel: str, priority: int
+    ) -> Message:
+        validate_destination(destination)
+        validate_channel(channel)
+        validate_priority(priority)
+        data = coerce_payload(payload, self.storage.max_payload)
+        # The id is made here, not by the daemon: a put the daemon may or may
+        # not have stored is written again under the same id, and the
+        # server's dedup keeps one.
+        return Message(new_id(), data, channel, priority, destination)
+
+    def _put_messages(
+        self, messages: list[Message], block: float | None = None
+    ) -> list[str | BaseException]:
+        """Make each of ``messages`` durable; its id, or why it was not stored.
+
+        Through the daemon's socket first (pipelined, one connection); what
+        it did not answer, or refused for want of room or by trouble of its
+        own, is written here, each destination's messages as one batch.
+        """
+        results: list[str | BaseException | None] = [None] * len(messages)
+        if self._put_client is not None:
+            for n, answer in enumerate(self._put_client.put(messages)):
+                if isinstance(answer, Stored):
+                    results[n] = messages[n].id
+                elif isinstance(answer, Refused) and answer.status in (400, 404, 405, 413):
+                    results[n] = InvalidMessage(answer.reason)
+        left: dict[str, list[int]] = {}
+        for n, r in enumerate(results):
+            if r is None:
+                destination = messages[n].destination
+                assert destination is not None
+                left.setdefault(destination, []).append(n)
+        for destination, indexes in left.items():
+            group = [messages[n] for n in indexes]
+            try:
+                self._add(destination, group, block)
+            except Exception as e:
+                for n in indexes:
+                    results[n] = e
+            else:
+                self.written_here += len(indexes)
+                for n in indexes:
+                    results[n] = messages[n].id
+        if left:
+            poke(self.path)
+        return [r if r is not None else RuntimeError("not put") for r in results]
+
+    def _add(self, destination: str, messages: list[Message], block: float | None) -> None:
+        """Write ``messages`` as this process's own batch, waiting for room up to ``block`` s."""
+        deadline = None if block is None else time.monotonic() + block
+        while True:
+            try:
+                self.storage.add(destination, messages)
+                return
+            except StorageFull:
+                if deadline is None or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def put_many(
         self,
@@ -116,15 +204,7 @@ class Spool:
         messages = [
             Message(i, d, channel, priority, destination) for i, d in zip(ids, data, strict=True)
         ]
-        deadline = None if block is None else time.monotonic() + block
-        while True:
-            try:
-                self.storage.add(destination, messages)
-                break
-            except StorageFull:
-                if deadline is None or time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)
+        self._add(destination, messages, block)
         poke(self.path)
         return ids
 
@@ -135,8 +215,40 @@ class Spool:
         channel: str = DEFAULT_CHANNEL,
         priority: int = DEFAULT_PRIORITY,
     ) -> Deferred[str]:
-        """``put`` for Twisted code: the disk sync runs in the reactor's thread pool."""
-        return deferToThread(self.put, payload, destination, channel, priority)
+        """``put`` for Twisted code: the disk sync runs in the reactor's thread pool.
+
+        The calls made in one reactor turn are put together: one request
+        pipeline to the daemon's socket, or one batch file per destination
+        (one sync) written here when the daemon does not answer.
+        """
+        try:
+            message = self._message(payload, destination, channel, priority)
+        except Exception as e:
+            return _failed(e)
+        d: Deferred[str] = Deferred()
+        if not self._turn:
+            from twisted.internet import reactor
+
+            reactor.callLater(0, self._put_turn)
+        self._turn.append((message, d))
+        return d
+
+    def _put_turn(self) -> None:
+        turn, self._turn = self._turn, []
+        done = deferToThread(self._put_messages, [m for m, _d in turn])
+
+        def answer(outcomes: list[str | BaseException]) -> None:
+            for (_m, d), outcome in zip(turn, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    d.errback(outcome)
+                else:
+                    d.callback(outcome)
+
+        def failed(failure: Any) -> None:
+            for _m, d in turn:
+                d.errback(failure)
+
+        done.addCallbacks(answer, failed)
 
     def put_many_deferred(
         self,
@@ -180,6 +292,8 @@ class Spool:
 
     def close(self) -> None:
         """Release the spool's files."""
+        if self._put_client is not None:
+            self._put_client.close()
         self.storage.close()
 
     def __enter__(self) -> Spool:
@@ -240,6 +354,16 @@ def put_deferred(
     """``put`` for Twisted code: returns a Deferred firing with the id.
 
     The write and disk sync run in the reactor's thread pool, so the reactor
-    never waits for the disk.
+    never waits for the disk; the calls of one reactor turn share a sync.
     """
-    return deferToThread(put, payload, destination, channel, priority, spool)
+    try:
+        target = _spool(spool)
+    except Exception as e:
+        return _failed(e)
+    return target.put_deferred(payload, destination, channel, priority)
+
+
+def _failed(error: BaseException) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(error)
+    return d

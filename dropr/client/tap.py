@@ -15,6 +15,7 @@ from twisted.python.threadpool import ThreadPool
 
 from dropr._message import validate_destination
 from dropr.client._notifier import FifoNotifier
+from dropr.client._putsocket import put_socket_for
 from dropr.client._sender import DestinationSender, DiskRunner, thread_pool_runner
 from dropr.client._spool import Spool, default_spool_path
 from dropr.client._transport import HTTPTransport
@@ -100,6 +101,9 @@ class ClientService(service.MultiService):
         self._rescan = LoopingCall(self._rescan_safely)
         self._rescan.clock = reactor
         self._bad_queues: set[str] = set()
+        # Single puts through <spool>/put.sock, written in groups, one sync each.
+        self.put_socket = put_socket_for(spool, reactor, self.wake_destinations)
+        self.put_socket.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
@@ -141,6 +145,15 @@ class ClientService(service.MultiService):
                     continue
                 sender = self.senders[destination] = self._sender(destination)
             sender.wake(force)
+
+    def wake_destinations(self, destinations: list[str]) -> None:
+        """Wake the senders of ``destinations`` (made if new): the put
+        socket just wrote a batch for them."""
+        for destination in destinations:
+            sender = self.senders.get(destination)
+            if sender is None:
+                sender = self.senders[destination] = self._sender(destination)
+            sender.wake()
 
     def _sender(self, destination: str) -> DestinationSender:
         o = self.options

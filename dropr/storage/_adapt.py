@@ -1,16 +1,12 @@
 """The optional interfaces of a storage, for code that holds only an ``IStorage``.
 
 A storage provides ``IMessageAdmin`` and ``IWakeSource`` itself where it
-can.  Until the file-system storage does, thin wrappers here give it both,
-so that the ``dropr`` command and consumers never name a concrete storage.
+can.  Until the file-system storage provides ``IMessageAdmin``, a thin
+wrapper here gives it one, so that the ``dropr`` command never names a
+concrete storage.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
-
-from zope.interface import implementer
 
 from dropr.errors import UnsupportedByStore
 from dropr.interfaces import IMessageAdmin, IStorage, IWakeSource, SetAside
@@ -40,32 +36,7 @@ def wake_source(storage: IStorage) -> IWakeSource | None:
     """``storage``'s ``IWakeSource``, or None when consumers must poll it."""
     if IWakeSource.providedBy(storage):
         return storage
-    from dropr.storage.files._storage import FilesystemStorage
-
-    if isinstance(storage, FilesystemStorage):
-        return _WakeFileWatch(storage)
     return None
-
-
-@implementer(IWakeSource)
-class _WakeFileWatch:
-    """Wakes on the ``wake`` file a file-system store touches after each batch (inotify)."""
-
-    def __init__(self, storage: Any) -> None:
-        self.storage = storage
-
-    def watch(self, queue: str, callback: Callable[[], None], reactor: Any) -> Callable[[], None]:
-        from twisted.internet import inotify
-        from twisted.python.filepath import FilePath
-
-        notifier = inotify.INotify(reactor)
-        notifier.startReading()
-        notifier.watch(
-            FilePath(self.storage.wake_file(queue)),
-            mask=inotify.IN_ATTRIB | inotify.IN_MODIFY,
-            callbacks=[lambda *_: callback()],
-        )
-        return notifier.loseConnection
 
 
 class NothingLeftBehind:

@@ -57,7 +57,18 @@ LOCK_NAME = "lock"
 WAKE_NAME = "wake"
 USAGE_NAME = "usage"
 #: What may lie in a root; anything else is foreign and left alone.
-ROOT_ENTRIES = {"lock", "tmp", "queues", "failed", "quarantine", "ids", "notify", "usage"}
+#: (``put.sock``: dropr-client's put socket in a spool.)
+ROOT_ENTRIES = {
+    "lock",
+    "tmp",
+    "queues",
+    "failed",
+    "quarantine",
+    "ids",
+    "notify",
+    "usage",
+    "put.sock",
+}
 #: A file being written: ``<prefix>.<pid>.<12 hex>.tmp``.
 TMP_RE = re.compile(r".*\.(\d+)\.[0-9a-f]{12}\.tmp\Z")
 #: The usage file being rewritten: ``usage.<pid>.tmp``.
