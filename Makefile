@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test test-fast install install-run browser php lint docs bench sidebyside clean
+.PHONY: demo test test-fast install install-run browser php postgresql lint docs bench sidebyside clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,9 +43,21 @@ php:
 		echo "php is missing (apt-get install php-cli): the PHP example's test is skipped"; \
 	fi
 
+# The PostgreSQL store's tests start a cluster of their own (initdb, pg_ctl)
+# and put HAProxy in front of several servers: Debian's packages, installed
+# as root when missing.
+PG_BINDIR ?= /usr/lib/postgresql/15/bin
+postgresql:
+	@if [ -x $(PG_BINDIR)/initdb ] && command -v haproxy >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql haproxy; \
+	else \
+		echo "postgresql or haproxy is missing (apt-get install postgresql haproxy): their tests are skipped"; \
+	fi
+
 # Both tiers: the fast one first, so a plain mistake shows in a minute, then
-# the slow one (processes, chaos, crash loops, the browser).
-test: install browser php
+# the slow one (processes, chaos, crash loops, the browser, PostgreSQL).
+test: install browser php postgresql
 	$(BIN)/ruff check dropr tests bench twisted
 	$(BIN)/ruff format --check dropr tests bench twisted
 	$(BIN)/mypy

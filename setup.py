@@ -32,7 +32,11 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
+        # The PostgreSQL store (docs/dependencies.rst, docs/storages.rst).
+        "postgresql": ["psycopg[binary]>=3.1", "psycopg_pool>=3.2"],
         "test": [
+            "psycopg[binary]>=3.1",
+            "psycopg_pool>=3.2",
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",

@@ -30,6 +30,15 @@ class StorageFull(DroprError):
     """
 
 
+class StorageUnavailable(DroprError):
+    """The store's database cannot be reached (down, restarting, unreachable).
+
+    Retry once the database is back: a store is idempotent by id, so a call
+    whose commit was cut off is never stored twice by its retry.
+    dropr-server answers 503 meanwhile, and clients retry by themselves.
+    """
+
+
 class StorageIOError(DroprError):
     """The disk under a spool or store failed (an I/O error other than a full disk).
 

@@ -8,6 +8,7 @@ fixture here runs them once per storage.  A new storage is one more entry in
 from __future__ import annotations
 
 import functools
+import hashlib
 import multiprocessing
 import random
 import sqlite3
@@ -46,7 +47,20 @@ def _memory(place: Path, clock: Callable[[], float], **options: Any) -> Storage:
     return MemoryStorage(clock=clock, **options)
 
 
-#: name → (opener, durable)
+def _postgresql_at(url: str) -> Callable[..., Storage]:
+    """Each place a schema of its own in the test cluster's database."""
+
+    def opener(place: Path, clock: Callable[[], float], **options: Any) -> Storage:
+        from dropr.storage._postgres import PostgresStorage
+
+        schema = "t_" + hashlib.sha1(str(place).encode()).hexdigest()[:24]
+        return PostgresStorage(url, schema=schema, clock=clock, pool_size=4, **options)
+
+    return opener
+
+
+#: name → (opener, durable); "postgresql" is added by the fixture, which
+#: needs the test cluster.
 BACKENDS: dict[str, tuple[Callable[..., Storage], bool]] = {
     "filesystem": (_filesystem, True),
     "sqlite": (_sqlite, True),
@@ -54,9 +68,16 @@ BACKENDS: dict[str, tuple[Callable[..., Storage], bool]] = {
 }
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(
+    # PostgreSQL runs as a server of the tests' own: the slow tier.
+    params=[*sorted(BACKENDS), pytest.param("postgresql", marks=pytest.mark.slow)]
+)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    opener, durable = BACKENDS[request.param]
+    if request.param == "postgresql":
+        cluster = request.getfixturevalue("pg_cluster")
+        opener, durable = _postgresql_at(cluster.url()), True
+    else:
+        opener, durable = BACKENDS[request.param]
     b = Backend(request.param, opener, durable, tmp_path)
     yield b
     b.close_all()

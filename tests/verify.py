@@ -317,14 +317,18 @@ class Report:
 def verify(
     producer_logs: Iterable[str],
     consumer_logs: Iterable[str],
-    store: str,
+    store: str | DiskContents,
     spools: Iterable[str] = (),
     faults: Mapping[str, int] | None = None,
 ) -> Report:
-    """Hold the logs to what the store (and spools) hold; see the module docstring."""
+    """Hold the logs to what the store (and spools) hold; see the module docstring.
+
+    ``store`` is a store directory, or what a store that is no directory
+    holds, read by the caller (a database).
+    """
     produced = read_producer_logs(producer_logs)
     consumed = read_consumer_logs(consumer_logs)
-    in_store = scan(store)
+    in_store = store if isinstance(store, DiskContents) else scan(store)
     in_spools = [scan(s) for s in spools]
     report = Report(
         put=len(produced.put),

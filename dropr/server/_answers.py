@@ -16,7 +16,7 @@ from twisted.web import http
 
 from dropr._ids import is_valid_id
 from dropr._message import DEFAULT_CHANNEL, DEFAULT_PRIORITY, validate_channel, validate_priority
-from dropr.errors import InvalidMessage, StorageFull
+from dropr.errors import InvalidMessage, StorageFull, StorageUnavailable
 from dropr.server._receiver import TooManyChannels
 from dropr.wire import WireError
 
@@ -65,6 +65,10 @@ def refusal_for(error: BaseException) -> Refusal | None:
         return Refusal(507, STORE_FULL)
     if isinstance(error, InvalidMessage):
         return Refusal(400, str(error))
+    if isinstance(error, StorageUnavailable):
+        # The store's database is down or restarting: nothing is lost, the
+        # client keeps the messages and retries.  The reason names no host.
+        return Refusal(503, "the store is unavailable; retry later", retry=True)
     if isinstance(error, OSError) and disk_full(error):
         # (chaos) A full disk is the store being full too: 507, so the
         # client backs off and retries, not an internal error (500).

@@ -26,7 +26,7 @@ from dropr.daemon._auth import (
 from dropr.daemon._options import log_format as _log_format
 from dropr.daemon._options import size as _size
 from dropr.daemon._tls import TLSConfigError, check_endpoint_key, is_local, server_endpoint
-from dropr.errors import DroprError
+from dropr.errors import DroprError, StorageUnavailable
 from dropr.interfaces import IReceivingStore
 from dropr.monitoring._metrics import ServerMetrics, StatsReader
 from dropr.monitoring._statuspage import MonitoringRoot, StatsResource, server_pages
@@ -236,7 +236,10 @@ def _upkeep(reactor: Any, pool: ThreadPool, store: IReceivingStore) -> Any:
 
 def _upkeep_failed(failure: Failure) -> None:
     error = failure.value
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(error, StorageUnavailable):
+        # Every second while the store's database is down: one line.
+        ServerService.log.warn("store upkeep waits for the store: {error}", error=str(error))
+    elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         # Every second while the disk is full: one line, not a traceback.
         ServerService.log.warn("store upkeep waits for disk space: {error}", error=str(error))
     else:

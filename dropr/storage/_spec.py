@@ -76,9 +76,9 @@ def open_store(spec: str, **options: Any) -> IStorage:
     """Open the storage ``spec`` names, with ``options`` for its constructor."""
     kind = spec_kind(spec)
     if kind == "postgresql":
-        from dropr.storage._postgres import PostgresStorage  # type: ignore[import-not-found]
+        from dropr.storage._postgres import PostgresStorage
 
-        return PostgresStorage(spec, **options)  # type: ignore[no-any-return]
+        return PostgresStorage(spec, **options)
     if kind == "sqlite":
         from dropr.storage._sqlite import SQLiteStorage
 
