@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from dropr._ids import new_id
 from dropr._message import Message
 from dropr.daemon._auth import NOT_AUTHENTICATED, Authenticator, Credentials, sign_request
-from dropr.errors import InvalidMessage, StorageFull
+from dropr.errors import InvalidMessage, StorageFull, StorageIOError
 from dropr.server._answers import (
     STORE_FULL,
     Refusal,
@@ -420,6 +420,9 @@ def test_answers_are_plain_functions() -> None:
     assert refusal_for(OSError(errno.EMFILE, "Too many open files")).status == 503  # type: ignore[union-attr]
     assert refusal_for(WireError("bad", 413)) == Refusal(413, "bad")
     assert refusal_for(RuntimeError("bug")) is None
+    # A failing disk is retried, and the answer keeps the store's path to itself.
+    io = refusal_for(StorageIOError("/secret/path: Input/output error"))
+    assert io is not None and io.status == 503 and io.retry and "/secret" not in io.reason
     for path in (b"/", b"/health", b"/health/", b"/stats"):
         assert is_canonical_path(path), path
     for path in (b"/%73tats", b"//stats", b"/./stats", b"/a/../stats", b"stats", b"/a\\b"):

@@ -16,7 +16,7 @@ from twisted.web import http
 
 from dropr._ids import is_valid_id
 from dropr._message import DEFAULT_CHANNEL, DEFAULT_PRIORITY, validate_channel, validate_priority
-from dropr.errors import InvalidMessage, StorageFull, StorageUnavailable
+from dropr.errors import InvalidMessage, StorageFull, StorageIOError, StorageUnavailable
 from dropr.server._receiver import TooManyChannels
 from dropr.wire import WireError
 
@@ -69,6 +69,11 @@ def refusal_for(error: BaseException) -> Refusal | None:
         # The store's database is down or restarting: nothing is lost, the
         # client keeps the messages and retries.  The reason names no host.
         return Refusal(503, "the store is unavailable; retry later", retry=True)
+    if isinstance(error, StorageIOError):
+        # The store's disk failed an operation: nothing of the request was
+        # acknowledged; the client keeps it and retries, and the log (not
+        # the unauthenticated answer) carries the detail.
+        return Refusal(503, "the store could not write to its disk; retry later", retry=True)
     if isinstance(error, OSError) and disk_full(error):
         # (chaos) A full disk is the store being full too: 507, so the
         # client backs off and retries, not an internal error (500).
