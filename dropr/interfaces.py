@@ -123,8 +123,13 @@ class IStorage(Interface):
     def queues() -> list[str]:
         """The names of the queues that hold messages (waiting or failed)."""
 
-    def stats() -> dict[str, QueueStats]:
-        """A ``QueueStats`` for every queue in ``queues()``."""
+    def stats(queues: Sequence[str] | None = None) -> dict[str, QueueStats]:
+        """A ``QueueStats`` for every queue in ``queues()``.
+
+        Given ``queues``, only for those of them that hold messages (waiting
+        or failed): the cost is that of the named queues, not of the whole
+        storage, so a caller that shows a few of many pays for those few.
+        """
 
     def failed(queue: str, limit: int = 100) -> list[tuple[Message, str]]:
         """Up to ``limit`` messages of the failed area of ``queue``, with reasons.

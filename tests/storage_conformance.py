@@ -389,6 +389,22 @@ class StorageConformance:
         assert (stats.depth, stats.bytes, stats.taken, stats.failed) == (0, 0, 0, 1)
         assert storage.stats()[URL_QUEUE].depth == 2
 
+    def test_stats_of_named_queues(self, backend: Backend) -> None:
+        """``stats(queues=...)``: the figures of those named that hold messages, no others."""
+        storage = backend.open(lease=10)
+        storage.add(QUEUE, make(3, size=10))
+        storage.add(URL_QUEUE, make(2, size=50))
+        storage.add("only.failed", make(1, size=5))
+        storage.fail(storage.take("only.failed", 1), "bad")
+        every = storage.stats()
+        named = storage.stats(queues=[QUEUE, "only.failed", "never.used", QUEUE])
+        assert named == {QUEUE: every[QUEUE], "only.failed": every["only.failed"]}
+        assert named["only.failed"] == QueueStats(0, 0, 0.0, 0, 1)
+        assert storage.stats(queues=[URL_QUEUE]) == {URL_QUEUE: every[URL_QUEUE]}
+        assert storage.stats(queues=[]) == {}
+        storage.ack(take_all(storage, URL_QUEUE))
+        assert storage.stats(queues=[URL_QUEUE]).get(URL_QUEUE, _EMPTY).depth == 0
+
     def test_bytes_after_partial_ack(self, backend: Backend) -> None:
         storage = backend.open()
         storage.add(QUEUE, make(4, size=25))

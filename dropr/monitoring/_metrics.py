@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from dropr.interfaces import IStorage, QueueStats
+from dropr.interfaces import IStorage, IUsage, QueueStats
 from dropr.storage._spec import open_store
 
 if TYPE_CHECKING:
@@ -45,6 +45,29 @@ RECENT_ERRORS = 50
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 StatsFunc = Callable[[], Mapping[str, QueueStats]]
+
+
+class ShownStats(dict[str, QueueStats]):
+    """The figures of the queues shown, with how many queues there are in all.
+
+    ``usage`` is the storage's running ``(messages, bytes)`` over all its
+    queues, when it keeps them (``IUsage``); None otherwise.
+    """
+
+    def __init__(
+        self,
+        figures: Mapping[str, QueueStats],
+        total: int,
+        usage: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(figures)
+        self.total = total
+        self.usage = usage
+
+
+def queues_total(stats: Mapping[str, QueueStats]) -> int:
+    """How many queues there are: more than those in ``stats`` if it shows a few."""
+    return stats.total if isinstance(stats, ShownStats) else len(stats)
 
 
 class LabelCap:
@@ -184,7 +207,8 @@ class StatsCache:
                 if self._at is None or self._clock() - self._at >= self.ttl:
                     started = self._clock()
                     try:
-                        self._value = dict(self._stats())
+                        value = self._stats()
+                        self._value = value if isinstance(value, ShownStats) else dict(value)
                         self.error = ""
                     except Exception as e:  # a scrape must not fail: keep the old
                         self.error = f"{type(e).__name__}: {e}"
@@ -203,24 +227,45 @@ class StatsReader:
     walk for the metrics there would hold up adds and takes.  Opened on
     first use (in a thread) with :func:`~dropr.storage._spec.open_store`,
     closed with the daemon.
+
+    Only the first ``limit`` queues by name are shown, so only their
+    figures are read: the names come from a cheap listing
+    (``queue_names()`` where the storage has one), and the totals over all
+    queues from its running ``usage()``.  A reading costs what it shows,
+    not the whole storage.
     """
 
-    def __init__(self, spec: str) -> None:
+    def __init__(
+        self,
+        spec: str,
+        limit: int = MAX_LABELS,
+        opener: Callable[[str], IStorage] = open_store,
+    ) -> None:
         self.spec = spec
+        self.limit = limit
+        self._open = opener
         self._storage: IStorage | None = None
         self._lock = threading.Lock()
 
-    def __call__(self) -> dict[str, QueueStats]:
+    def __call__(self) -> ShownStats:
         with self._lock:
             if self._storage is None:
-                self._storage = open_store(self.spec)
-            return self._storage.stats()
+                self._storage = self._open(self.spec)
+            return read_shown(self._storage, self.limit)
 
     def close(self) -> None:
         with self._lock:
             if self._storage is not None:
                 self._storage.close()
                 self._storage = None
+
+
+def read_shown(storage: IStorage, limit: int) -> ShownStats:
+    """The figures of the first ``limit`` queues of ``storage`` by name, and totals."""
+    listing = getattr(storage, "queue_names", None)
+    names = sorted(listing() if callable(listing) else storage.queues())
+    usage = storage.usage() if IUsage.providedBy(storage) else None
+    return ShownStats(storage.stats(queues=names[:limit]), len(names), usage)
 
 
 class QueueCollector:
@@ -247,6 +292,7 @@ class QueueCollector:
 
     def describe(self) -> Iterator[Metric]:
         yield from self._families()
+        yield GaugeMetricFamily(f"{self.prefix}_queues", "")
         yield GaugeMetricFamily(f"{self.prefix}_stats_seconds", "")
         yield GaugeMetricFamily(f"{self.prefix}_stats_age_seconds", "")
 
@@ -269,6 +315,11 @@ class QueueCollector:
                 family.add_metric([key], value)
         yield from families
         yield GaugeMetricFamily(
+            f"{self.prefix}_queues",
+            f"Queues in all; the gauges per {self.label} cover the first few by name.",
+            value=queues_total(stats),
+        )
+        yield GaugeMetricFamily(
             f"{self.prefix}_stats_seconds",
             "Seconds the last walk of the queues for these figures took.",
             value=self.cache.walk_seconds,
@@ -282,6 +333,15 @@ class QueueCollector:
 
 def _stats_dict(stats: Mapping[str, QueueStats]) -> dict[str, dict[str, Any]]:
     return {name: asdict(s) for name, s in sorted(stats.items())}
+
+
+def _usage_dict(stats: Mapping[str, QueueStats]) -> dict[str, int]:
+    """``{"messages", "bytes"}`` waiting over all queues: running totals if kept."""
+    usage = stats.usage if isinstance(stats, ShownStats) else None
+    if usage is None:
+        shown = stats.values()
+        usage = (sum(s.depth for s in shown), sum(s.bytes for s in shown))
+    return {"messages": usage[0], "bytes": usage[1]}
 
 
 class _Daemon:
@@ -328,6 +388,8 @@ class _Daemon:
             "uptime": round(now - self.started, 3),
             "totals": totals,
             "queues": _stats_dict(stats),
+            "queues_total": queues_total(stats),
+            "usage": _usage_dict(stats),
             "stats_age": round(age, 3),
             "stats_error": self.cache.error,
         }
@@ -445,6 +507,7 @@ class ServerMetrics(_Daemon):
         """What ``GET /stats`` answers (may walk the store: call it in a thread)."""
         data = self._base_stats()
         data["channels"] = data.pop("queues")
+        data["channels_total"] = data.pop("queues_total")
         rates = self.rates.snapshot(self.SERIES)
         channel_rates = {
             name.removeprefix("channel:"): counts
@@ -559,5 +622,6 @@ class ClientMetrics(_Daemon):
             key: sum(d.get(key, 0) for d in destinations.values())
             for key in ("sent", "stored", "failed", "sent_bytes", "send_errors")
         }
+        data["destinations_total"] = data.pop("queues_total")
         data["rates"] = self.rates.snapshot(self.SERIES)
         return data

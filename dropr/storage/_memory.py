@@ -301,13 +301,15 @@ class MemoryStorage(NothingLeftBehind):
             self._check_open()
             return sorted(set(self._queues) | set(self._failed))
 
-    def stats(self) -> dict[str, QueueStats]:
-        """Figures for every queue."""
+    def stats(self, queues: Sequence[str] | None = None) -> dict[str, QueueStats]:
+        """Figures for every queue, or for those of ``queues`` that hold messages."""
         with self._mutex:
             self._check_open()
             now = self._clock()
             result = {}
-            for queue in self.queues():
+            held = self.queues()
+            names = held if queues is None else sorted(set(queues).intersection(held))
+            for queue in names:
                 entries = [
                     e for by_seq in self._queues.get(queue, {}).values() for e in by_seq.values()
                 ]

@@ -140,11 +140,20 @@ function chart(data) {
 
 function summary(data) {
   var t = data.totals || {};
+  // The store's running totals over all channels; the table shows the
+  // first few channels by name only (channels_shown of channels_total).
+  var shown = Object.keys(data.channels).length;
+  var total = data.channels_total === undefined ? shown : data.channels_total;
   var depth = 0;
-  Object.keys(data.channels).forEach(function (k) { depth += data.channels[k].depth; });
+  if (data.usage) {
+    depth = data.usage.messages;
+  } else {
+    Object.keys(data.channels).forEach(function (k) { depth += data.channels[k].depth; });
+  }
   document.getElementById("summary").textContent =
-    "up " + seconds(data.uptime) + " \u00b7 " + Object.keys(data.channels).length +
-    " channels, " + depth + " messages waiting \u00b7 since start: " +
+    "up " + seconds(data.uptime) + " \u00b7 " + total + " channels" +
+    (shown < total ? " (the first " + shown + " by name listed)" : "") +
+    ", " + depth + " messages waiting \u00b7 since start: " +
     (t.received || 0) + " received, " + (t.stored || 0) + " stored, " +
     (t.duplicates || 0) + " duplicates, " + (t.rejected || 0) + " rejected" +
     (data.stats_error ? " \u00b7 figures stale: " + data.stats_error : "");

@@ -6,7 +6,7 @@ logs and read batch files.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from dropr._ids import id_time
 from dropr._message import Message
@@ -61,11 +61,19 @@ class Inspector:
                 return True
         return False
 
-    def stats(self, now: float) -> dict[str, QueueStats]:
-        """Figures for every queue."""
+    def holds(self, queue: str) -> bool:
+        """True if ``queue`` holds messages, waiting or failed (as ``queues()``)."""
+        return any(
+            self.has_batches(path)
+            for path in (self.layout.queue_dir(queue), self.layout.failed_queue_dir(queue))
+        )
+
+    def stats(self, now: float, queues: Sequence[str] | None = None) -> dict[str, QueueStats]:
+        """Figures for every queue, or for those of ``queues`` that hold messages."""
         now_ms = int(now * 1000)
         result = {}
-        for queue in self.queues():
+        names = self.queues() if queues is None else sorted(q for q in set(queues) if self.holds(q))
+        for queue in names:
             depth = nbytes = taken = 0
             oldest = 0.0
             for bucket in self.buckets(self.layout.queue_dir(queue)):

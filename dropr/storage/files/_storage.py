@@ -470,11 +470,12 @@ class FilesystemStorage:
         """How many queue directories exist (one cached listing)."""
         return len(self.queue_names())
 
-    def stats(self) -> dict[str, QueueStats]:
-        """Figures for every queue; reads state logs, so it costs a walk."""
+    def stats(self, queues: Sequence[str] | None = None) -> dict[str, QueueStats]:
+        """Figures for every queue (or those of ``queues``); reads their state logs."""
+        names = None if queues is None else [validate_queue(q) for q in queues]
         with self._mutex:
             self._check_open()
-            return self._inspector.stats(self._clock())
+            return self._inspector.stats(self._clock(), names)
 
     def failed(self, queue: str, limit: int = 100) -> list[tuple[Message, str]]:
         """Up to ``limit`` failed messages of ``queue`` with their reasons."""
