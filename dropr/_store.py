@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -70,9 +70,9 @@ class Store:
         """Channels holding messages (waiting or failed)."""
         return self.storage.queues()
 
-    def stats(self) -> dict[str, QueueStats]:
-        """Depth, bytes, oldest age, taken and failed counts per channel."""
-        return self.storage.stats()
+    def stats(self, channels: Sequence[str] | None = None) -> dict[str, QueueStats]:
+        """Depth, bytes, oldest age, taken and failed counts per channel (or of ``channels``)."""
+        return self.storage.stats(channels)
 
     def failed(self, channel: str, limit: int = 100) -> list[tuple[Message, str]]:
         """Failed messages of ``channel`` with their reasons."""

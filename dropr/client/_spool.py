@@ -282,9 +282,9 @@ class Spool:
         """Destinations with messages waiting or failed."""
         return self.storage.queues()
 
-    def stats(self) -> dict[str, QueueStats]:
-        """Figures per destination."""
-        return self.storage.stats()
+    def stats(self, destinations: Sequence[str] | None = None) -> dict[str, QueueStats]:
+        """Figures per destination (or of ``destinations``)."""
+        return self.storage.stats(destinations)
 
     def failed(self, destination: str, limit: int = 100) -> list[tuple[Message, str]]:
         """Failed messages for ``destination`` with their reasons."""
