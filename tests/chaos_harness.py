@@ -51,7 +51,7 @@ from typing import Any
 from faultproxy import FaultProxy
 from verify import Report, scan, verify
 
-from dropr.admin import _fsck as fsck
+from dropr.storage.files import _fsck as fsck
 from dropr.testing import ClientProcess, DaemonProcess, ServerProcess, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))

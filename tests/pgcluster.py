@@ -61,7 +61,13 @@ def _unprivileged_user() -> str | None:
 class PgCluster:
     """One PostgreSQL server in a temp dir: ``start``, ``stop``, ``crash``, ``url``."""
 
-    def __init__(self, bindir: str, hosts: tuple[str, ...] = ("127.0.0.1",)) -> None:
+    def __init__(
+        self,
+        bindir: str,
+        hosts: tuple[str, ...] = ("127.0.0.1",),
+        clients: tuple[str, ...] = (),
+    ) -> None:
+        """Listen on ``hosts``; let in loopback and the networks in ``clients`` (CIDR)."""
         self.bindir = bindir
         self.user = _unprivileged_user()
         self.root = tempfile.mkdtemp(prefix="dropr-pg-")
@@ -97,6 +103,8 @@ class PgCluster:
         # Clients on other loopback addresses stand for other hosts.
         with open(os.path.join(self.data, "pg_hba.conf"), "a") as f:
             f.write("host all all 127.0.0.0/8 scram-sha-256\n")
+            for network in clients:
+                f.write(f"host all all {network} scram-sha-256\n")
         self.start()
         self.psql("template1", f"CREATE DATABASE {DATABASE}")
 

@@ -16,7 +16,7 @@ from verify import check_planted_payload, make_payload
 import dropr
 from dropr._ids import new_id
 from dropr._message import Message
-from dropr.admin import _fsck as fsck
+from dropr.storage.files import _fsck as fsck
 from dropr.storage.files._statelog import STATE_NAME
 from dropr.storage.files._storage import FilesystemStorage
 

@@ -64,7 +64,7 @@ def _put(args: argparse.Namespace) -> int:
 
 
 def _fsck(args: argparse.Namespace) -> int:
-    from dropr.admin import _fsck as fsck
+    from dropr.storage.files import _fsck as fsck
 
     kind = "store" if args.store else "spool"
     spec = args.store or args.spool or default_spool_path()

@@ -27,7 +27,7 @@ from dropr.client._putclient import PutSocketClient, Refused, Stored
 from dropr.client._putsocket import socket_path
 from dropr.errors import InvalidMessage, StorageFull
 from dropr.interfaces import QueueStats
-from dropr.storage import FilesystemStorage
+from dropr.storage._spec import open_spool
 
 #: Where ``put()`` spools when neither its argument nor ``$DROPR_SPOOL`` says.
 DEFAULT_SPOOL = "/var/spool/dropr"
@@ -82,8 +82,9 @@ class Spool:
         self._turn: list[tuple[Message, Deferred[str]]] = []
         #: Single puts the daemon did not take, written by this process itself.
         self.written_here = 0
+        self.max_payload = max_payload
         try:
-            self.storage = FilesystemStorage(
+            self.storage = open_spool(
                 self.path,
                 max_bytes=max_bytes,
                 max_messages=max_messages,
@@ -124,7 +125,7 @@ class Spool:
         validate_destination(destination)
         validate_channel(channel)
         validate_priority(priority)
-        data = coerce_payload(payload, self.storage.max_payload)
+        data = coerce_payload(payload, self.max_payload)
         # The id is made here, not by the daemon: a put the daemon may or may
         # not have stored is written again under the same id, and the
         # server's dedup keeps one.
@@ -196,7 +197,7 @@ class Spool:
         validate_destination(destination)
         validate_channel(channel)
         validate_priority(priority)
-        max_payload = self.storage.max_payload
+        max_payload = self.max_payload
         data = [coerce_payload(p, max_payload) for p in payloads]
         if not data:
             return []

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from dropr.errors import DroprError
-from dropr.interfaces import IStorage
+from dropr.interfaces import ISpoolStorage, IStorage
 
 _SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 
@@ -70,6 +70,13 @@ def redact(spec: str) -> str:
         return spec
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
+
+
+def open_spool(path: str, **options: Any) -> ISpoolStorage:
+    """The spool at ``path``: always a directory on this host's file system."""
+    from dropr.storage.files._storage import FilesystemStorage
+
+    return FilesystemStorage(path, **options)
 
 
 def open_store(spec: str, **options: Any) -> IStorage:
