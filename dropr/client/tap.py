@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service, strports
@@ -14,7 +15,9 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from dropr._message import validate_destination
+from dropr.client._front import FrontedSpool
 from dropr.client._notifier import FifoNotifier
+from dropr.client._putlog import PutLog, recover
 from dropr.client._putsocket import put_socket_for
 from dropr.client._sender import DestinationSender, DiskRunner, thread_pool_runner
 from dropr.client._spool import Spool, default_spool_path
@@ -88,8 +91,12 @@ class ClientService(service.MultiService):
     def __init__(self, spool: Spool, transport: ITransport, reactor: Any, options: Any) -> None:
         super().__init__()
         self.spool = spool
+        #: Puts through the socket are durable here first, then held in
+        #: memory in front of the spool for their senders.
+        self.putlog = PutLog(spool.path)
+        self.front = FrontedSpool(spool.storage, self.putlog)
         #: What the senders and rescans use of the spool: its interface only.
-        self.storage: ISpoolStorage = spool.storage
+        self.storage: ISpoolStorage = self.front
         self.transport = transport
         self.reactor = reactor
         self.options = options
@@ -102,10 +109,18 @@ class ClientService(service.MultiService):
         self._rescan.clock = reactor
         self._bad_queues: set[str] = set()
         # Single puts through <spool>/put.sock, written in groups, one sync each.
-        self.put_socket = put_socket_for(spool, reactor, self.wake_destinations)
+        self.put_socket = put_socket_for(
+            spool, self.front, self.putlog, reactor, self.wake_destinations
+        )
         self.put_socket.setServiceParent(self)
 
     def startService(self) -> None:
+        # Before the socket accepts anything or a sender runs: what a crash
+        # left in the put log goes into the spool, ahead of anything new.
+        moved = recover(self.spool.path, self.front.file_in_order)
+        if moved:
+            self.log.info("moved {count} puts from the put log into the spool", count=moved)
+        self.putlog.open()
         super().startService()
         self.pool.start()
         self.notifier = FifoNotifier(self.spool.path, self.wake_all, self.reactor)
@@ -123,6 +138,7 @@ class ClientService(service.MultiService):
             self.wake_all(force=False)
         except Exception:
             self.log.failure("rescan of {spool} failed", spool=self.spool.path)
+        self._spill(lambda sender: sender is None or sender.state == "backoff")
         # Keep the spool's usage figures fresh for producers (their limit
         # checks read them instead of walking the spool themselves).
         d = self.run_on_disk(self.storage.count_usage)
@@ -148,12 +164,32 @@ class ClientService(service.MultiService):
 
     def wake_destinations(self, destinations: list[str]) -> None:
         """Wake the senders of ``destinations`` (made if new): the put
-        socket just wrote a batch for them."""
+        socket just handed them messages."""
         for destination in destinations:
             sender = self.senders.get(destination)
             if sender is None:
                 sender = self.senders[destination] = self._sender(destination)
             sender.wake()
+        if self.front.over_limit():
+            self._spill(lambda sender: True)
+
+    def _spill(self, which: Callable[[DestinationSender | None], bool]) -> None:
+        """Move what waits in memory for the destinations ``which`` picks into the spool.
+
+        Messages a sender cannot deliver now, or too many held at once,
+        belong in the spool: there they count, show and wait on disk.
+        """
+        for destination in self.front.waiting_destinations():
+            if which(self.senders.get(destination)):
+                d = self.run_on_disk(self.front.spill, destination)
+                d.addErrback(self._spill_failed, destination)
+
+    def _spill_failed(self, failure: Any, destination: str) -> None:
+        self.log.warn(
+            "could not move puts for {to} into the spool ({error}); they stay in the put log",
+            to=destination,
+            error=str(failure.value),
+        )
 
     def _sender(self, destination: str) -> DestinationSender:
         o = self.options
@@ -178,15 +214,25 @@ class ClientService(service.MultiService):
             self._rescan.stop()
         d = DeferredList([children, *(s.stop() for s in self.senders.values())])
 
+        def spill(_: object) -> Any:
+            # What the senders did not deliver waits on disk in the spool;
+            # the put log is then empty and removed.
+            return self.run_on_disk(self.front.spill_all).addErrback(
+                lambda f: self.log.warn(
+                    "puts stay in the put log until the next start ({error})", error=str(f.value)
+                )
+            )
+
         def finish(_: object) -> Any:
             self.pool.stop()
+            self.putlog.close()
             self.spool.close()
             if self.stats_reader is not None:
                 self.stats_reader.close()
             self.log.info("dropr-client stopped")
             return self.transport.close()
 
-        return d.addBoth(finish)
+        return d.addBoth(spill).addBoth(finish)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
