@@ -482,3 +482,21 @@ def test_put_deferred_calls_of_one_turn_share_one_batch(tmp_path: Path) -> Any:
             yield s.put_deferred(b"x", "not a url")
     finally:
         s.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"destination={QDEST}&channel=orders&priority=2&id={'a' * 32}",
+        "destination=http://central:8080/&channel=c",
+        "a=1&a=2&b",
+        "x=a+b%20c&&y=",
+        "k%20x=v&%zz=1",
+    ],
+)
+def test_the_quick_query_parser_reads_what_parse_qs_reads(query: str) -> None:
+    from urllib.parse import parse_qs
+
+    from dropr.client._puthttp import _parse_query
+
+    assert _parse_query(query) == parse_qs(query, keep_blank_values=True)
