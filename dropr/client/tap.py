@@ -26,7 +26,7 @@ from dropr.daemon import logs as logs
 from dropr.daemon._auth import CredentialsError, check_not_world_writable, load_client_credentials
 from dropr.daemon._options import log_format, size
 from dropr.daemon._tls import TLSConfigError, client_policy
-from dropr.errors import InvalidMessage, StorageLocked
+from dropr.errors import DroprError, InvalidMessage, StorageLocked
 from dropr.interfaces import ISpoolStorage, ITransport
 from dropr.monitoring._metrics import ClientMetrics, StatsReader
 from dropr.monitoring._statuspage import client_site
@@ -109,20 +109,17 @@ class ClientService(service.MultiService):
         self._rescan.clock = reactor
         self._bad_queues: set[str] = set()
         # Single puts through <spool>/put.sock, written in groups, one sync each.
+        # A child once the put log is ready (see _open_put_log).
         self.put_socket = put_socket_for(
             spool, self.front, self.putlog, reactor, self.wake_destinations
         )
-        self.put_socket.setServiceParent(self)
 
     def startService(self) -> None:
-        # Before the socket accepts anything or a sender runs: what a crash
-        # left in the put log goes into the spool, ahead of anything new.
-        moved = recover(self.spool.path, self.front.file_in_order)
-        if moved:
-            self.log.info("moved {count} puts from the put log into the spool", count=moved)
-        self.putlog.open()
         super().startService()
         self.pool.start()
+        # Before the socket accepts anything or a sender runs: what a crash
+        # left in the put log goes into the spool, ahead of anything new.
+        self._open_put_log()
         self.notifier = FifoNotifier(self.spool.path, self.wake_all, self.reactor)
         self.notifier.startReading()
         self._rescan.start(self.options["rescan"], now=True)
@@ -132,7 +129,34 @@ class ClientService(service.MultiService):
         logs.attach(parent, self.log_observer)
         return super().setServiceParent(parent)
 
+    def _open_put_log(self) -> bool:
+        """Move what the put log holds into the spool, open it and the put socket.
+
+        Until this succeeds (a full spool disk, say) the socket stays shut:
+        producers write their own batch files, and no put can overtake the
+        ones still in the log.  The rescan tries again.
+        """
+        if self.put_socket.parent is not None:
+            return True
+        try:
+            moved = recover(self.spool.path, self.front.file_in_order)
+            self.putlog.open()
+        except (DroprError, OSError) as e:
+            self.log.warn(
+                "cannot open the put log of {spool} yet ({error}); producers write "
+                "their own batches meanwhile, and the next rescan tries again",
+                spool=self.spool.path,
+                error=str(e),
+            )
+            return False
+        if moved:
+            self.log.info("moved {count} puts from the put log into the spool", count=moved)
+        self.put_socket.setServiceParent(self)
+        return True
+
     def _rescan_safely(self) -> None:
+        if self.running:
+            self._open_put_log()  # if it could not be opened before
         # A LoopingCall stops for good on an error: never let one escape.
         try:
             self.wake_all(force=False)
