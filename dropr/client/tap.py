@@ -129,6 +129,17 @@ class ClientService(service.MultiService):
         logs.attach(parent, self.log_observer)
         return super().setServiceParent(parent)
 
+    def put_figures(self) -> dict[str, int]:
+        """The put socket's counters and what memory holds, for the metrics."""
+        held, held_bytes = self.front.held()
+        commit = self.put_socket.commit
+        return {
+            "puts": commit.stored,
+            "writes": commit.batches,
+            "held_messages": held,
+            "held_bytes": held_bytes,
+        }
+
     def _open_put_log(self) -> bool:
         """Move what the put log holds into the spool, open it and the put socket.
 
@@ -287,7 +298,9 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     )
     client = ClientService(spool, transport, reactor, options)
     client.stats_reader = StatsReader(path)
-    client.metrics = ClientMetrics(lambda: client.senders, client.stats_reader)
+    client.metrics = ClientMetrics(
+        lambda: client.senders, client.stats_reader, put_figures=client.put_figures
+    )
     client.log_observer = logs.observer_for(options["log-format"], getattr(options, "parent", None))
     if options["metrics"]:
         site = client_site(client.metrics, reactor)
