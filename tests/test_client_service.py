@@ -132,23 +132,29 @@ def test_a_put_log_that_cannot_be_moved_keeps_the_socket_shut(tmp_path: Path) ->
         client.stopService()
 
 
-def test_puts_held_for_a_destination_that_fails_move_into_the_spool(tmp_path: Path) -> None:
+def test_puts_for_a_destination_that_fails_move_into_the_spool(tmp_path: Path) -> None:
     def answer(destination: str, messages: Any) -> Any:
         raise dropr.DroprError("connection refused")
 
     transport = FakeTransport(answer)
-    client, clock = service(tmp_path, transport)
+    client, _ = service(tmp_path, transport)
     client.startService()
     try:
-        messages = [Message(new_id(), b"a%d" % i, "common", 5, A) for i in range(3)]
-        client.wake_destinations(client.front.offer(messages, client.putlog.append(messages)))
+        first = [Message(new_id(), b"a%d" % i, "common", 5, A) for i in range(3)]
+        client.wake_destinations(client.front.offer(first, client.putlog.append(first)))
+        # Sent, not delivered, given back: into the spool, where they show.
         assert client.senders[A].state == "backoff"
-        assert client.front.held() == (3, 6) and client.putlog.needed == 3
-        clock.advance(5)  # the rescan: its sender cannot deliver, so into the spool
         assert client.front.held() == (0, 0) and client.putlog.needed == 0
         assert client.spool.stats()[A].depth == 3
+        # Arriving while their sender backs off: the same, at once.
+        later = [Message(new_id(), b"b", "common", 5, A)]
+        client.wake_destinations(client.front.offer(later, client.putlog.append(later)))
+        assert client.front.held() == (0, 0) and client.spool.stats()[A].depth == 4
+        assert len(transport.sent) == 1  # no new attempt before the backoff ends
     finally:
         client.stopService()
+    with dropr.Spool(str(tmp_path / "spool"), daemon=True) as spool:
+        assert [m.id for m in spool.take(A, 10)] == [m.id for m in first + later]
 
 
 def test_at_the_stop_what_memory_holds_moves_into_the_spool(tmp_path: Path) -> None:

@@ -172,6 +172,27 @@ def test_given_back_in_any_order_they_come_again_in_arrival_order(spool: Spool) 
     first, second = front.take(DEST, 2), front.take(DEST, 2)
     front.release(second)  # a prefetched batch comes back first
     front.release(first)
+    assert front.held() == (0, 0) and log.needed == 0  # into the spool
+    assert drained(spool) == [m.id for m in batch]
+
+
+def test_given_back_to_a_full_spool_they_wait_in_memory_in_order(spool: Spool) -> None:
+    front, log = fronted(spool)
+    batch = messages(4)
+    offer(front, log, batch)
+    first, second = front.take(DEST, 2), front.take(DEST, 2)
+
+    class Full:
+        def add(self, *args: Any, **kwargs: Any) -> list[str]:
+            raise StorageFull("the spool is full")
+
+        def take(self, *args: Any) -> list[Message]:
+            return []
+
+    front.inner = Full()
+    front.release(second)
+    front.release(first)
+    assert front.held() == (4, 8) and log.needed == 4
     assert [m.id for m in front.take(DEST, 10)] == [m.id for m in batch]
 
 

@@ -157,13 +157,20 @@ class FrontedSpool:
         mine, others = self._split(messages)
         if others:
             self.inner.release(others)
-        if mine:
+        if not mine:
+            return
+        # Given back, mostly because the server could not be reached: into
+        # the spool, where they show, count and wait on disk.  Filed under
+        # their oldest id, they go before what memory still holds.
+        try:
+            self._move_into_spool(mine)
+        except Exception:
+            # No room in the spool: back in memory (still in the log), in
+            # arrival order whatever order batches came back in; the
+            # rescan tries the spool again.
             with self._lock:
                 for entry in mine:
-                    queue = self._waiting.setdefault(_destination(entry), [])
-                    queue.append(entry)
-                # Given back in any order (a prefetched batch may come back
-                # before the one sent ahead of it): arrival order again.
+                    self._waiting.setdefault(_destination(entry), []).append(entry)
                 for queue in self._waiting.values():
                     queue.sort(key=_arrival)
 

@@ -207,6 +207,10 @@ class ClientService(service.MultiService):
             sender.wake()
         if self.front.over_limit():
             self._spill(lambda sender: True)
+        else:
+            # A sender that backs off leaves them waiting: they belong in
+            # the spool, where they show and count.
+            self._spill(lambda sender: sender is not None and sender.state == "backoff")
 
     def _spill(self, which: Callable[[DestinationSender | None], bool]) -> None:
         """Move what waits in memory for the destinations ``which`` picks into the spool.
