@@ -325,7 +325,11 @@ def test_a_cut_at_any_byte_keeps_every_record_synced_before_it(tmp_path: Path) -
         with open(segment, "wb") as f:
             f.write(data[:cut])
         got: list[str] = []
-        recover(path, lambda _d, ms, _at: got.extend(m.id for m in ms))
+
+        def add(_d: str, ms: list[Message], _at: str, got: list[str] = got) -> None:
+            got.extend(m.id for m in ms)
+
+        recover(path, add)
         synced = [
             m.id for group, end in zip(groups, ends, strict=True) if end <= cut for m in group
         ]
