@@ -10,14 +10,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from dropr._ids import id_time
 from dropr._message import Message
 from dropr.interfaces import SendResult
+from dropr.wire import AnswerResults
 
 
 def split_too_old(
     batch: Sequence[Message], now: float, max_age: float
 ) -> tuple[list[Message], list[Message]]:
     """``(fresh, too_old)``: messages put more than ``max_age`` seconds before ``now`` fail."""
+    if not batch:
+        return [], []
+    # Ids sort by time: when the oldest is young enough, all are, and no id
+    # needs its time parsed.
+    if now - id_time(min(m.id for m in batch)) <= max_age:
+        return list(batch), []
     fresh = [m for m in batch if now - m.created <= max_age]
     too_old = [m for m in batch if now - m.created > max_age]
     return fresh, too_old
@@ -64,6 +72,12 @@ def sort_answer(batch: Sequence[Message], results: Sequence[SendResult]) -> Answ
     A message the answer does not name is sent again: only a "stored" lets
     a message go, and a failure needs a reason from the server.
     """
+    if (
+        isinstance(results, AnswerResults)
+        and results.all_stored
+        and results.ids == [m.id for m in batch]
+    ):
+        return Answer(stored=list(batch))
     by_id = {r.id: r for r in results}
     answer = Answer()
     for m in batch:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dropr._message import Message
+from dropr._message import Message, make_message
 from dropr.errors import DroprError
 
 MAGIC = b"DROPRB1\n"
@@ -48,6 +48,9 @@ FRAME = struct.Struct(">I")
 HEAD = struct.Struct(">16sBBH")
 _FRAME = FRAME
 _HEAD = HEAD
+_HEAD_SIZE = HEAD.size
+#: A record's length and the head of its body, read in one call.
+_RECORD = struct.Struct(">I16sBBH")
 #: Largest record body accepted on read (payload limit plus headroom).
 MAX_BODY = 256 * 1024 * 1024
 #: The largest payload a record can hold and be read back: the body limit
@@ -88,11 +91,19 @@ def encode(messages: Sequence[Message], destinations: bool = True) -> list[bytes
     pack_head = _HEAD.pack
     pack_frame = _FRAME.pack
     crc32 = zlib.crc32
+    fromhex = bytes.fromhex
+    # (channel, destination) → the encoded names and their lengths: a batch
+    # names few of them, and encoding each per record was a good part of
+    # the cost.
+    names: dict[tuple[str, str | None], tuple[bytes, int, int]] = {}
     for m in messages:
-        channel = m.channel.encode("ascii")
-        destination = (m.destination or "").encode("ascii") if destinations else b""
-        head = pack_head(bytes.fromhex(m.id), m.priority, len(channel), len(destination))
-        body = b"".join((head, channel, destination, m.payload))
+        key = (m.channel, m.destination if destinations else None)
+        known = names.get(key)
+        if known is None:
+            channel = m.channel.encode("ascii")
+            destination = (key[1] or "").encode("ascii")
+            known = names[key] = (channel + destination, len(channel), len(destination))
+        body = pack_head(fromhex(m.id), m.priority, known[1], known[2]) + known[0] + m.payload
         append(pack_frame(len(body)))
         append(body)
         append(pack_frame(crc32(body)))
@@ -144,11 +155,16 @@ class Decoded:
     error: str = ""
 
 
-def decode(data: bytes, receipt: Callable[[int], object] | None = None) -> Decoded:
+def decode(
+    data: bytes,
+    receipt: Callable[[int], object] | None = None,
+    receipts: Sequence[object] | None = None,
+) -> Decoded:
     """Read the messages of a batch file's bytes, stopping at the first damage.
 
     ``receipt``, when given, makes the ``receipt`` of the message at each
-    index, so a storage builds each message object once.
+    index, so a storage builds each message object once; ``receipts`` gives
+    them ready made, by index (those past its end get None).
     """
     if not data.startswith(MAGIC):
         return Decoded([], "not a dropr batch file (bad magic)")
@@ -156,44 +172,72 @@ def decode(data: bytes, receipt: Callable[[int], object] | None = None) -> Decod
     append = messages.append
     pos = len(MAGIC)
     end = len(data)
-    unpack_head = _HEAD.unpack_from
+    view = memoryview(data)
+    unpack_record = _RECORD.unpack_from
+    unpack_frame = _FRAME.unpack_from
+    crc32 = zlib.crc32
+    make = make_message
     names: dict[bytes, str | None] = {b"": None}
-    head_size = _HEAD.size
+    # A record needs its frame, head and CRC: 28 bytes at least.
+    last_start = end - (4 + _HEAD.size + 4)
     index = 0
+    given = len(receipts) if receipts is not None else 0
     while pos < end:
-        try:
-            body_start, body_end = frame_at(data, pos, end, MAX_BODY)
-        except FrameError as e:
-            return Decoded(messages, _DAMAGE[e.kind].format(pos=pos, length=e.length))
-        raw_id, priority, clen, dlen = unpack_head(data, body_start)
-        p = body_start + head_size
-        if p + clen + dlen > body_end:
+        # The fast path checks what frame_at checks; any doubt goes to
+        # frame_at, which names the damage.
+        if pos > last_start:
+            return _damaged(data, pos, end, messages)
+        length, raw_id, priority, clen, dlen = unpack_record(data, pos)
+        body_start = pos + 4
+        body_end = body_start + length
+        if (
+            length < _HEAD.size
+            or length > MAX_BODY
+            or body_end + 4 > end
+            or crc32(view[body_start:body_end]) != unpack_frame(data, body_end)[0]
+        ):
+            return _damaged(data, pos, end, messages)
+        p = body_start + _HEAD_SIZE
+        q = p + clen
+        r = q + dlen
+        if r > body_end:
             return Decoded(messages, f"field lengths exceed record at byte {pos}")
-        raw_channel = data[p : p + clen]
-        raw_destination = data[p + clen : p + clen + dlen]
+        raw_channel = data[p:q]
         try:
             channel = names[raw_channel]
         except KeyError:
             channel = names[raw_channel] = _ascii(raw_channel)
-        try:
-            destination = names[raw_destination]
-        except KeyError:
-            destination = names[raw_destination] = _ascii(raw_destination)
-        if channel is None or (dlen and destination is None):
+        if dlen:
+            raw_destination = data[q:r]
+            try:
+                destination = names[raw_destination]
+            except KeyError:
+                destination = names[raw_destination] = _ascii(raw_destination)
+            if destination is None:
+                return Decoded(messages, f"non-ASCII name in record at byte {pos}")
+        else:
+            destination = None
+        if channel is None:
             return Decoded(messages, f"non-ASCII name in record at byte {pos}")
-        append(
-            Message(
-                raw_id.hex(),
-                data[p + clen + dlen : body_end],
-                channel,
-                priority,
-                destination,
-                receipt(index) if receipt is not None else None,
-            )
-        )
+        if receipts is not None:
+            mark = receipts[index] if index < given else None
+        elif receipt is not None:
+            mark = receipt(index)
+        else:
+            mark = None
+        append(make(raw_id.hex(), data[r:body_end], channel, priority, destination, mark))
         index += 1
         pos = body_end + 4
     return Decoded(messages)
+
+
+def _damaged(data: bytes, pos: int, end: int, messages: list[Message]) -> Decoded:
+    """The ``Decoded`` of a file whose record at ``pos`` failed the fast checks."""
+    try:
+        frame_at(data, pos, end, MAX_BODY)
+    except FrameError as e:
+        return Decoded(messages, _DAMAGE[e.kind].format(pos=pos, length=e.length))
+    raise AssertionError(f"record at byte {pos} failed a check frame_at passes")
 
 
 _DAMAGE = {

@@ -63,8 +63,10 @@ class BatchReader:
             data = self.disk.read(path)
         except FileNotFoundError:
             return None
-        token, batch_id = self.token, bn.batch_id
-        decoded = batchfile.decode(data, lambda i: Receipt(token, queue, bucket, batch_id, i))
+        token, batch_id, new = self.token, bn.batch_id, tuple.__new__
+        # Made in one comprehension, not one call per record from the codec.
+        receipts = [new(Receipt, (token, queue, bucket, batch_id, i)) for i in range(bn.count)]
+        decoded = batchfile.decode(data, receipts=receipts)
         if decoded.error or len(decoded.messages) != bn.count:
             reason = decoded.error or (
                 f"holds {len(decoded.messages)} messages, its name says {bn.count}"
