@@ -196,11 +196,26 @@ class Taker:
         another consumer took over and finished it).
         """
         grouped: dict[str, dict[str, dict[str, list[int]]]] = {}
+        token = self.reader.token
+        indexes: list[int] = []
+        last: Receipt | None = None
         for m in messages:
-            r = self.receipt(m)
-            grouped.setdefault(r.queue, {}).setdefault(r.bucket, {}).setdefault(
-                r.batch_id, []
-            ).append(r.position)
+            r = m.receipt
+            if r.__class__ is not Receipt or r[0] is not token:
+                r = self.receipt(m)  # raises with the reason
+            # Messages come in runs of one batch file, whose receipts share
+            # their strings: a run costs one look-up, not three per message.
+            if (
+                last is None
+                or r[3] is not last[3]
+                or r[2] is not last[2]
+                or r[1] is not last[1]
+            ):
+                indexes = (
+                    grouped.setdefault(r[1], {}).setdefault(r[2], {}).setdefault(r[3], [])
+                )
+                last = r
+            indexes.append(r[4])
         failure: OSError | None = None
         owner = (self.owner,) if op == "R" else ()
         for queue, buckets in grouped.items():
