@@ -37,7 +37,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, overload
 
@@ -65,8 +65,69 @@ class WireError(DroprError, ValueError):
         self.retry = retry
 
 
+class WireBatch(Sequence[Message]):
+    """Taken messages as the records of a request body, their objects made only if asked for.
+
+    A spool that can (the file system's ``take_wire``) hands its sender the
+    records of its batch files ready for the wire, with their ids and
+    payload sizes: forwarding a batch then builds no object per message.
+    As a sequence it is the taken ``Message`` objects, made on first use
+    (by ``materialize``, with their receipts), so any path that needs them
+    (a refusal, a retry, too old) works unchanged.  ``ack`` of the storage
+    that made it settles it without them (``settle`` is that storage's own
+    record of where the messages lie).
+    """
+
+    __slots__ = ("_materialize", "_messages", "channels", "ids", "nbytes", "records", "settle")
+
+    def __init__(
+        self,
+        records: list[bytes],
+        ids: list[str],
+        nbytes: int,
+        materialize: Callable[[], list[Message]],
+        settle: object,
+        channels: set[str] | None = None,
+    ) -> None:
+        self.records = records
+        self.ids = ids
+        self.nbytes = nbytes
+        self.settle = settle
+        #: The channels of these messages (perhaps more: never fewer).
+        self.channels = channels if channels is not None else set()
+        self._materialize = materialize
+        self._messages: list[Message] | None = None
+
+    def body(self) -> bytes:
+        """The request body carrying these messages."""
+        return b"".join([MAGIC, *self.records])
+
+    def messages(self) -> list[Message]:
+        """The taken messages as objects (made once)."""
+        if self._messages is None:
+            self._messages = self._materialize()
+            if [m.id for m in self._messages] != self.ids:
+                raise AssertionError("a wire batch's messages do not match its records")
+        return self._messages
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> Message: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Message]: ...
+    def __getitem__(self, index: int | slice) -> Message | list[Message]:
+        return self.messages()[index]
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self.messages())
+
+
 def encode_batch(messages: Sequence[Message]) -> bytes:
     """The request body carrying ``messages`` (destinations left out)."""
+    if isinstance(messages, WireBatch):
+        return messages.body()
     return b"".join(encode(messages, destinations=False))
 
 
@@ -290,7 +351,7 @@ def decode_answer(body: bytes, messages: Sequence[Message]) -> AnswerResults:
         rejected = data.get("rejected", {})
         if not isinstance(rejected, dict):
             raise TypeError("rejected is not an object")
-        ids = [m.id for m in messages]
+        ids = messages.ids if isinstance(messages, WireBatch) else [m.id for m in messages]
         # The usual answer names every id of the request as stored, in its
         # order: one comparison in C instead of a set and an object per id.
         stored = None if not rejected and stored_ids == ids else set(stored_ids)

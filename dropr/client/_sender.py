@@ -34,6 +34,10 @@ from dropr._message import Message
 from dropr.client import _sendpolicy as policy
 from dropr.client._transport import BatchTooLarge
 from dropr.interfaces import ISpoolStorage, ITransport, SendResult
+from dropr.wire import WireBatch
+
+#: Taken messages: objects, or records ready for the wire (``take_wire``).
+Batch = list[Message] | WireBatch
 
 #: Runs a spool operation off the reactor thread: ``run(f, *args)`` → Deferred.
 DiskRunner = Callable[..., "Deferred[Any]"]
@@ -130,6 +134,10 @@ class DestinationSender:
         self._retry: IDelayedCall | None = None
         #: Messages this sender took and has not yet acked, failed or released.
         self._held: dict[str, Message] = {}
+        #: The same for batches taken as records (``take_wire``), whole.
+        self._held_wire: list[WireBatch] = []
+        #: The spool hands out batches as records ready for the wire.
+        self._take_wire = getattr(spool, "take_wire", None)
 
     def wake(self, force: bool = False) -> None:
         """Send what waits now; ``force`` also cuts a backoff short."""
@@ -150,11 +158,14 @@ class DestinationSender:
     async def _run(self) -> None:
         flights: list[_Flight] = []
         try:
-            if self._held:
+            if self._held or self._held_wire:
                 # A round that ended in an error (a full spool disk, say)
                 # left messages leased to this sender; as the spool's only
                 # taker it would skip them and send later ones first.
-                await self._settle(self.spool.release, list(self._held.values()))
+                for held in list(self._held_wire):
+                    await self._settle(self.spool.release, held)
+                if self._held:
+                    await self._settle(self.spool.release, list(self._held.values()))
             outcome = await self._send_all(flights)
             if outcome.step == "backoff" and not self._stopping:
                 self._back_off(outcome.reason)
@@ -200,7 +211,9 @@ class DestinationSender:
                     return landed
                 batch = await self._take()
                 continue
-            channels = {m.channel for m in batch}
+            channels = (
+                batch.channels if isinstance(batch, WireBatch) else {m.channel for m in batch}
+            )
             landed = _SENT
             while flights and (
                 len(flights) >= self.max_in_flight
@@ -234,28 +247,43 @@ class DestinationSender:
             worst = _worse(worst, await self._land(flights.pop(0)))
         return worst
 
-    def _take(self) -> Deferred[list[Message]]:
+    def _take(self) -> Deferred[Batch]:
         self._again = False
-        d: Deferred[list[Message]] = self._disk(self.spool.take, self.destination, self.max_batch)
+        d: Deferred[Batch]
+        if self._take_wire is not None:
+            # Records ready for the wire: no object per message on the way.
+            d = self._disk(self._take_wire, self.destination, self.max_batch, self.max_batch_bytes)
+        else:
+            d = self._disk(self.spool.take, self.destination, self.max_batch)
         return d.addCallback(self._hold)
 
-    def _hold(self, messages: list[Message]) -> list[Message]:
+    def _hold(self, messages: Batch) -> Batch:
+        if isinstance(messages, WireBatch):
+            if messages.ids:
+                self._held_wire.append(messages)
+            return messages
         for m in messages:
             self._held[m.id] = m
         return messages
 
-    async def _settle(self, op: Callable[..., None], messages: list[Message], *args: Any) -> None:
-        """Ack, fail or release ``messages`` on the disk thread, and wait."""
-        await self._disk(op, messages, *args)
+    def _unhold(self, messages: Batch) -> None:
+        if isinstance(messages, WireBatch):
+            if messages in self._held_wire:
+                self._held_wire.remove(messages)
+            return
         for m in messages:
             self._held.pop(m.id, None)
 
-    def _settle_later(self, op: Callable[..., None], messages: list[Message], *args: Any) -> None:
+    async def _settle(self, op: Callable[..., None], messages: Batch, *args: Any) -> None:
+        """Ack, fail or release ``messages`` on the disk thread, and wait."""
+        await self._disk(op, messages, *args)
+        self._unhold(messages)
+
+    def _settle_later(self, op: Callable[..., None], messages: Batch, *args: Any) -> None:
         """The same, without waiting: queued on the one disk thread, it runs
         before any later take.  Should it fail, the messages count as held
         again and are released before the next round."""
-        for m in messages:
-            self._held.pop(m.id, None)
+        self._unhold(messages)
         d = self._disk(op, messages, *args)
 
         def failed(failure: Any) -> None:
@@ -269,8 +297,15 @@ class DestinationSender:
 
         d.addErrback(failed)
 
-    async def _prepare(self, batch: list[Message]) -> list[Message]:
+    async def _prepare(self, batch: Batch) -> Batch:
         """Fail what is too old and keep the batch within the byte limit."""
+        if isinstance(batch, WireBatch):
+            if not batch.ids or not policy.any_too_old(batch.ids, self._clock(), self.max_age):
+                return batch  # take_wire kept it within the byte limit
+            # Rare: go the way of message objects.
+            messages = await self._disk(batch.messages)
+            self._unhold(batch)
+            batch = self._hold(messages)
         batch, too_old = policy.split_too_old(batch, self._clock(), self.max_age)
         if too_old:
             reason = policy.too_old_reason(self.destination, self.max_age)
@@ -281,7 +316,7 @@ class DestinationSender:
             await self._settle(self.spool.release, give_back)
         return batch
 
-    async def _deliver(self, batch: list[Message]) -> _Outcome:
+    async def _deliver(self, batch: Batch) -> _Outcome:
         """Send one batch: "sent", "again" (send anew at once) or "backoff".
 
         Never raises: a batch that could not be sent is given back.
@@ -321,7 +356,9 @@ class DestinationSender:
         if answer.retry:
             self._settle_later(self.spool.release, answer.retry)
         self.sent += len(batch)
-        self.sent_bytes += sum([len(m.payload) for m in batch])
+        self.sent_bytes += (
+            batch.nbytes if isinstance(batch, WireBatch) else sum([len(m.payload) for m in batch])
+        )
         self.stored += len(answer.stored)
         self.failed += answer.failed
         if answer.stored or answer.failed:
@@ -338,7 +375,7 @@ class DestinationSender:
             failed=answer.failed,
             retry=len(answer.retry),
             ms=self.last_batch_seconds * 1000,
-            ids=[m.id for m in batch],
+            ids=batch.ids if isinstance(batch, WireBatch) else [m.id for m in batch],
             failed_ids={reason: [m.id for m in group] for reason, group in answer.refused.items()},
         )
         if self.on_batch is not None:
@@ -348,7 +385,7 @@ class DestinationSender:
             return _Outcome("backoff", "the server stored none of the batch")
         return _Outcome(step.value)
 
-    async def _too_large(self, batch: list[Message], reason: str) -> None:
+    async def _too_large(self, batch: Batch, reason: str) -> None:
         if len(batch) > 1:
             self.max_batch = policy.smaller_batch(len(batch))
             self.log.warn(

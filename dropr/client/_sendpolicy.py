@@ -13,7 +13,7 @@ from enum import Enum
 from dropr._ids import id_time
 from dropr._message import Message
 from dropr.interfaces import SendResult
-from dropr.wire import AnswerResults
+from dropr.wire import AnswerResults, WireBatch
 
 
 def split_too_old(
@@ -29,6 +29,11 @@ def split_too_old(
     fresh = [m for m in batch if now - m.created <= max_age]
     too_old = [m for m in batch if now - m.created > max_age]
     return fresh, too_old
+
+
+def any_too_old(ids: Sequence[str], now: float, max_age: float) -> bool:
+    """True if an id of ``ids`` was made more than ``max_age`` seconds before ``now``."""
+    return bool(ids) and now - id_time(min(ids)) > max_age
 
 
 def too_old_reason(destination: str, max_age: float) -> str:
@@ -55,7 +60,7 @@ class Answer:
     """A server's answer to a batch, sorted by what the sender does next."""
 
     #: Durable at the server: ack them.
-    stored: list[Message] = field(default_factory=list)
+    stored: Sequence[Message] = field(default_factory=list)
     #: Refused for good, by reason: fail them with it.
     refused: dict[str, list[Message]] = field(default_factory=dict)
     #: Refused for now, or not answered at all: release them to send again.
@@ -72,12 +77,11 @@ def sort_answer(batch: Sequence[Message], results: Sequence[SendResult]) -> Answ
     A message the answer does not name is sent again: only a "stored" lets
     a message go, and a failure needs a reason from the server.
     """
-    if (
-        isinstance(results, AnswerResults)
-        and results.all_stored
-        and results.ids == [m.id for m in batch]
-    ):
-        return Answer(stored=list(batch))
+    if isinstance(results, AnswerResults) and results.all_stored:
+        ids = batch.ids if isinstance(batch, WireBatch) else [m.id for m in batch]
+        if results.ids == ids:
+            # A wire batch stays one: its storage acks it without objects.
+            return Answer(stored=batch if isinstance(batch, WireBatch) else list(batch))
     by_id = {r.id: r for r in results}
     answer = Answer()
     for m in batch:

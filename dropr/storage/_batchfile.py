@@ -240,6 +240,78 @@ def _damaged(data: bytes, pos: int, end: int, messages: list[Message]) -> Decode
     raise AssertionError(f"record at byte {pos} failed a check frame_at passes")
 
 
+@dataclass(slots=True)
+class WireRecords:
+    """The records of a batch file as a request body carries them, one entry per record."""
+
+    #: Each record framed for the wire: the file's own bytes when its
+    #: destination is empty, else rewritten without it.
+    records: list[bytes]
+    ids: list[str]
+    #: Payload bytes of each record.
+    sizes: list[int]
+    #: The channels the records name.
+    channels: set[str]
+
+
+def wire_records(data: bytes, count: int) -> WireRecords | None:
+    """The first ``count`` records of a batch file, ready to be sent; None if damaged.
+
+    Every record's CRC is checked, as ``decode`` checks it; a file that is
+    damaged or holds fewer records is for ``decode`` to report (and a
+    storage to quarantine).  A spool's records name their destination,
+    which the wire leaves empty: such a record is rewritten without it (a
+    new head and CRC); a record without one is sent as it is.
+    """
+    if not data.startswith(MAGIC):
+        return None
+    records: list[bytes] = []
+    ids: list[str] = []
+    sizes: list[int] = []
+    raw_channels: set[bytes] = set()
+    add_record, add_id, add_size = records.append, ids.append, sizes.append
+    add_channel = raw_channels.add
+    pos = len(MAGIC)
+    end = len(data)
+    view = memoryview(data)
+    unpack_record = _RECORD.unpack_from
+    unpack_frame = _FRAME.unpack_from
+    pack_frame = _FRAME.pack
+    pack_head = _HEAD.pack
+    crc32 = zlib.crc32
+    last_start = end - (4 + _HEAD.size + 4)
+    with view:
+        for _ in range(count):
+            if pos > last_start:
+                return None
+            length, raw_id, priority, clen, dlen = unpack_record(data, pos)
+            body_start = pos + 4
+            body_end = body_start + length
+            p = body_start + _HEAD_SIZE
+            r = p + clen + dlen
+            if (
+                length < _HEAD.size
+                or length > MAX_BODY
+                or body_end + 4 > end
+                or r > body_end
+                or crc32(view[body_start:body_end]) != unpack_frame(data, body_end)[0]
+            ):
+                return None
+            add_id(raw_id.hex())
+            add_size(body_end - r)
+            add_channel(data[p : p + clen])
+            if dlen:
+                body = pack_head(raw_id, priority, clen, 0) + data[p : p + clen] + data[r:body_end]
+                add_record(pack_frame(len(body)) + body + pack_frame(crc32(body)))
+            else:
+                add_record(data[pos : body_end + 4])
+            pos = body_end + 4
+    channels = {_ascii(c) for c in raw_channels}
+    if None in channels:
+        return None
+    return WireRecords(records, ids, sizes, channels)  # type: ignore[arg-type]
+
+
 _DAMAGE = {
     "truncated-length": "truncated record length at byte {pos}",
     "impossible-length": "impossible record length {length} at byte {pos}",

@@ -82,6 +82,18 @@ class BatchReader:
         self.cache.put(path, messages)
         return messages
 
+    def read_wire(self, bucket: str, bn: BatchName) -> batchfile.WireRecords | None:
+        """The records of a batch file ready for the wire; None if unreadable.
+
+        Not cached: a spool's sender reads each file once.  A damaged file is
+        left to ``read``, which reports and quarantines it.
+        """
+        try:
+            data = self.disk.read(os.path.join(bucket, str(bn)))
+        except FileNotFoundError:
+            return None
+        return batchfile.wire_records(data, bn.count)
+
     def forget(self, path: str) -> None:
         """Forget a cached batch (finished, removed or quarantined)."""
         self.cache.drop(path)

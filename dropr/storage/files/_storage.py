@@ -66,6 +66,8 @@ from dropr.storage.files._reader import BatchReader
 from dropr.storage.files._taker import Taker
 from dropr.storage.files._usage import USAGE_FILE_FRESH, UsageCounter
 from dropr.storage.files._writer import BatchWriter
+from dropr.storage.files._batchcache import payload_bytes
+from dropr.wire import WireBatch
 
 #: Seconds between two looks for idle queues in ``upkeep``.
 _IDLE_SWEEP_EVERY = 60.0
@@ -339,12 +341,44 @@ class FilesystemStorage:
             self._check_open()
             return self._taker.take(queue, limit, lease_s)
 
+    def take_wire(
+        self, queue: str, limit: int, max_bytes: int, lease: float | None = None
+    ) -> WireBatch | list[Message]:
+        """``take``, as the records of a request body (see ``dropr.wire.WireBatch``).
+
+        At most ``max_bytes`` of payload (one message at least).  What a
+        sender forwards as it is needs no object per message.  A queue with
+        a damaged batch file gets a plain ``take`` (which reports it).
+        """
+        validate_queue(queue)
+        if limit < 1:
+            return []
+        lease_s = self.default_lease if lease is None else lease
+        with self._mutex, disk_errors(self.path):
+            self._check_open()
+            batch = self._taker.take_wire(queue, limit, lease_s, max_bytes, self._guard)
+            if batch is not None:
+                return batch
+            return self._taker.take(queue, limit, lease_s)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        with self._mutex, disk_errors(self.path):
+            self._check_open()
+            yield
+
     def ack(self, messages: Iterable[Message]) -> None:
         """Forget taken ``messages``; durable on return when ``sync_acks``.
 
         A message whose bucket another consumer finished and removed counts
         as acked; the others are acked whatever happened to it.
         """
+        if isinstance(messages, WireBatch):
+            with self._mutex, disk_errors(self.path):
+                self._check_open()
+                self._taker.settle_wire(messages, "A", self.sync_acks)
+                self._usage.settled(len(messages), messages.nbytes)
+            return
         self._settle(messages, "A", self.sync_acks)
 
     def release(self, messages: Iterable[Message]) -> None:
@@ -364,7 +398,7 @@ class FilesystemStorage:
             for queue, group in by_queue.items():
                 self._failed.write(queue, group, reason)
             self._taker.settle(messages, "F", True)
-            self._usage.settled(len(messages), sum(len(m.payload) for m in messages))
+            self._usage.settled(len(messages), payload_bytes(messages))
 
     def _settle(self, messages: Iterable[Message], op: str, sync: bool) -> None:
         messages = list(messages)
@@ -372,7 +406,7 @@ class FilesystemStorage:
             self._check_open()
             self._taker.settle(messages, op, sync)
             if op == "A":
-                self._usage.settled(len(messages), sum(len(m.payload) for m in messages))
+                self._usage.settled(len(messages), payload_bytes(messages))
 
     def remove_finished(self, queue: str, older_than: float = 0.0) -> int:
         """Delete the buckets of ``queue`` whose every message is acked or failed.
