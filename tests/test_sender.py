@@ -335,7 +335,7 @@ def test_a_failed_batch_with_another_in_flight_keeps_each_channel_in_order() -> 
 
 def test_a_partly_answered_batch_goes_again_before_the_next_of_its_channel() -> None:
     rig = Rig(FakeTransport(hold=True), max_batch=2)
-    a1, b1, a2 = put_on(rig, "a", 2), put_on(rig, "b", 2), put_on(rig, "a", 2)
+    a1, _b1, a2 = put_on(rig, "a", 2), put_on(rig, "b", 2), put_on(rig, "a", 2)
     rig.sender.wake()
     first, second = rig.transport.pending
     first.deferred.callback([SendResult(a1[0].id, True), SendResult(a1[1].id, False, "busy")])

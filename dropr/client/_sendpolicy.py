@@ -60,7 +60,7 @@ class Answer:
     """A server's answer to a batch, sorted by what the sender does next."""
 
     #: Durable at the server: ack them.
-    stored: Sequence[Message] = field(default_factory=list)
+    stored: list[Message] | WireBatch = field(default_factory=list)
     #: Refused for good, by reason: fail them with it.
     refused: dict[str, list[Message]] = field(default_factory=dict)
     #: Refused for now, or not answered at all: release them to send again.
@@ -83,11 +83,12 @@ def sort_answer(batch: Sequence[Message], results: Sequence[SendResult]) -> Answ
             # A wire batch stays one: its storage acks it without objects.
             return Answer(stored=batch if isinstance(batch, WireBatch) else list(batch))
     by_id = {r.id: r for r in results}
-    answer = Answer()
+    stored: list[Message] = []
+    answer = Answer(stored=stored)
     for m in batch:
         r = by_id.get(m.id)
         if r is not None and r.stored:
-            answer.stored.append(m)
+            stored.append(m)
         elif r is not None and r.permanent:
             answer.refused.setdefault(r.reason, []).append(m)
         else:

@@ -46,6 +46,7 @@ from dropr.interfaces import (
 )
 from dropr.storage import _batchfile as batchfile
 from dropr.storage.files import _recovery as recovery
+from dropr.storage.files._batchcache import payload_bytes
 from dropr.storage.files._dedup import DedupIndex
 from dropr.storage.files._dedupkeeper import DedupKeeper, indexed_until
 from dropr.storage.files._dirlisting import DirListing
@@ -66,7 +67,6 @@ from dropr.storage.files._reader import BatchReader
 from dropr.storage.files._taker import Taker
 from dropr.storage.files._usage import USAGE_FILE_FRESH, UsageCounter
 from dropr.storage.files._writer import BatchWriter
-from dropr.storage.files._batchcache import payload_bytes
 from dropr.wire import WireBatch
 
 #: Seconds between two looks for idle queues in ``upkeep``.

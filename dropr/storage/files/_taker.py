@@ -12,12 +12,12 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
+from typing import cast
 
 from twisted.logger import Logger
 
 from dropr._message import Message
-from dropr.errors import UnknownMessage
-from dropr.wire import WireBatch
+from dropr.errors import DroprError, UnknownMessage
 from dropr.storage._batchfile import BatchName
 from dropr.storage.files._dirlisting import DirListing
 from dropr.storage.files._disk import Disk
@@ -33,14 +33,14 @@ from dropr.storage.files._layout import (
 from dropr.storage.files._queueview import QueueView, QueueViews, release_line
 from dropr.storage.files._reader import BatchReader, Receipt
 from dropr.storage.files._statelog import StateLog, format_indexes, line
-
+from dropr.wire import WireBatch
 
 #: What a take's ``pick`` returns: the indexes taken and whether it is full,
 #: or None to skip the batch file.
 _Picked = tuple[list[int], bool] | None
 
 
-class _NeedsTake(Exception):
+class _NeedsTake(DroprError):
     """A batch file cannot be read as records: ``take`` must read (and report) it."""
 
 
@@ -311,22 +311,17 @@ class Taker:
                 r = self.receipt(m)  # raises with the reason
             # Messages come in runs of one batch file, whose receipts share
             # their strings: a run costs one look-up, not three per message.
-            if (
-                last is None
-                or r[3] is not last[3]
-                or r[2] is not last[2]
-                or r[1] is not last[1]
-            ):
-                indexes = (
-                    grouped.setdefault(r[1], {}).setdefault(r[2], {}).setdefault(r[3], [])
-                )
+            if last is None or r[3] is not last[3] or r[2] is not last[2] or r[1] is not last[1]:
+                indexes = grouped.setdefault(r[1], {}).setdefault(r[2], {}).setdefault(r[3], [])
                 last = r
             indexes.append(r[4])
         self._settle_grouped(grouped, op, sync)
 
     def settle_wire(self, batch: WireBatch, op: str, sync: bool) -> None:
         """``settle`` for a batch ``take_wire`` made, without its message objects."""
-        token, queue, spans = batch.settle  # type: ignore[misc]
+        token, queue, spans = cast(
+            tuple[object, str, list[tuple[str, str, list[int]]]], batch.settle
+        )
         if token is not self.reader.token:
             raise UnknownMessage(
                 "this batch was not taken from this storage: ack the batch take_wire returned"
