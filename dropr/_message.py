@@ -161,6 +161,9 @@ _set_priority = Message.__dict__["priority"].__set__
 _set_destination = Message.__dict__["destination"].__set__
 _set_receipt = Message.__dict__["receipt"].__set__
 
+#: The slot setters of a ``Message``, in field order, for loops that make many.
+SETTERS = (_set_id, _set_payload, _set_channel, _set_priority, _set_destination, _set_receipt)
+
 
 def make_message(
     message_id: str,

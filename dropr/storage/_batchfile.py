@@ -37,7 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dropr._message import Message, make_message
+from dropr._message import SETTERS as _SETTERS
+from dropr._message import Message
 from dropr.errors import DroprError
 
 MAGIC = b"DROPRB1\n"
@@ -51,6 +52,8 @@ _HEAD = HEAD
 _HEAD_SIZE = HEAD.size
 #: A record's length and the head of its body, read in one call.
 _RECORD = struct.Struct(">I16sBBH")
+#: Marks a name not yet looked up.
+_UNKNOWN: Any = object()
 #: Largest record body accepted on read (payload limit plus headroom).
 MAX_BODY = 256 * 1024 * 1024
 #: The largest payload a record can hold and be read back: the body limit
@@ -176,12 +179,16 @@ def decode(
     unpack_record = _RECORD.unpack_from
     unpack_frame = _FRAME.unpack_from
     crc32 = zlib.crc32
-    make = make_message
+    new = object.__new__
+    set_id, set_payload, set_channel, set_priority, set_destination, set_receipt = _SETTERS
     names: dict[bytes, str | None] = {b"": None}
     # A record needs its frame, head and CRC: 28 bytes at least.
     last_start = end - (4 + _HEAD.size + 4)
     index = 0
-    given = len(receipts) if receipts is not None else 0
+    marks: Sequence[object] = ()
+    if receipts is not None:
+        marks = receipts
+    given = len(marks)
     while pos < end:
         # The fast path checks what frame_at checks; any doubt goes to
         # frame_at, which names the damage.
@@ -191,7 +198,7 @@ def decode(
         body_start = pos + 4
         body_end = body_start + length
         if (
-            length < _HEAD.size
+            length < _HEAD_SIZE
             or length > MAX_BODY
             or body_end + 4 > end
             or crc32(view[body_start:body_end]) != unpack_frame(data, body_end)[0]
@@ -202,30 +209,33 @@ def decode(
         r = q + dlen
         if r > body_end:
             return Decoded(messages, f"field lengths exceed record at byte {pos}")
-        raw_channel = data[p:q]
-        try:
-            channel = names[raw_channel]
-        except KeyError:
-            channel = names[raw_channel] = _ascii(raw_channel)
-        if dlen:
-            raw_destination = data[q:r]
-            try:
-                destination = names[raw_destination]
-            except KeyError:
-                destination = names[raw_destination] = _ascii(raw_destination)
-            if destination is None:
-                return Decoded(messages, f"non-ASCII name in record at byte {pos}")
-        else:
-            destination = None
+        channel = names.get(data[p:q], _UNKNOWN)
+        if channel is _UNKNOWN:
+            channel = names[data[p:q]] = _ascii(data[p:q])
         if channel is None:
             return Decoded(messages, f"non-ASCII name in record at byte {pos}")
-        if receipts is not None:
-            mark = receipts[index] if index < given else None
+        destination: str | None = None
+        if dlen:
+            destination = names.get(data[q:r], _UNKNOWN)
+            if destination is _UNKNOWN:
+                destination = names[data[q:r]] = _ascii(data[q:r])
+            if destination is None:
+                return Decoded(messages, f"non-ASCII name in record at byte {pos}")
+        if index < given:
+            mark = marks[index]
         elif receipt is not None:
             mark = receipt(index)
         else:
             mark = None
-        append(make(raw_id.hex(), data[r:body_end], channel, priority, destination, mark))
+        # make_message, inline: this loop runs once per message read.
+        m = new(Message)
+        set_id(m, raw_id.hex())
+        set_payload(m, data[r:body_end])
+        set_channel(m, channel)
+        set_priority(m, priority)
+        set_destination(m, destination)
+        set_receipt(m, mark)
+        append(m)
         index += 1
         pos = body_end + 4
     return Decoded(messages)
