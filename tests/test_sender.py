@@ -494,6 +494,7 @@ def test_batches_too_large_for_the_server_are_split(
         assert s.max_batch < 30
         got = server.storage.take("orders", 200)
         assert [m.payload for m in got] == payloads  # in order, each once
+        yield s.stop()
     finally:
         spool.close()
         yield server.stop()

@@ -79,6 +79,7 @@ def test_take_wire_leases_in_order_within_the_byte_limit(spool: FilesystemStorag
     assert batch.nbytes == 4 * size and batch.channels == {"orders"}
     assert batch.body() == encode_batch(first + second[:1])
     # Leased: neither kind of take hands them out again.
+    assert batch._messages is None
     rest = spool.take(DEST, 10)
     assert [m.id for m in rest] == [m.id for m in second[1:]]
     spool.release(rest)
@@ -86,7 +87,9 @@ def test_take_wire_leases_in_order_within_the_byte_limit(spool: FilesystemStorag
     one = spool.take_wire(DEST, 10, max_bytes=1)
     assert isinstance(one, WireBatch) and one.ids == [second[1].id]
     spool.release(one)
+    assert one._messages is None  # given back by its indexes
     spool.ack(batch)
+    assert batch._messages is None
     assert spool.usage() == (2, 2 * size)
     assert [m.id for m in spool.take(DEST, 10)] == [m.id for m in second[1:]]
 
