@@ -271,13 +271,19 @@ class FilesystemStorage:
         queue: str,
         messages: Sequence[Message],
         records: Mapping[str, bytes] | None = None,
+        *,
+        batch_id: str | None = None,
     ) -> list[str]:
         """Store ``messages`` in ``queue``, durably; see ``IStorage.add``.
 
         ``records`` may give, by id, a message's record already encoded as a
         batch file holds it (a server receives them so); it is written as is.
+        ``batch_id`` files the batch under that id instead of a new one: the
+        client daemon moves messages that waited in its put log into the
+        spool under their oldest id, so they go before anything their
+        producers wrote later.
         """
-        return self._store([(queue, messages)], records)
+        return self._store([(queue, messages)], records, batch_id)
 
     def store(
         self,
@@ -291,6 +297,7 @@ class FilesystemStorage:
         self,
         batches: Sequence[tuple[str, Sequence[Message]]],
         records: Mapping[str, bytes] | None,
+        batch_id: str | None = None,
     ) -> list[str]:
         """Store ``(queue, messages)`` pairs all or nothing; the ids stored.
 
@@ -313,7 +320,7 @@ class FilesystemStorage:
             stored = [m for _q, ms in batches for m in ms]
             count, nbytes = len(stored), sum(len(m.payload) for m in stored)
             self._check_limits(count, nbytes)
-            written = self._writer.place(batches, records)
+            written = self._writer.place(batches, records, batch_id)
             if self._dedup is not None:
                 self._dedup.record([m.id for m in stored], max(n.batch_id for n in written))
             for queue, _messages in batches:
