@@ -273,3 +273,33 @@ def test_a_spool_without_take_wire_is_sent_from_message_objects() -> None:
     sender.wake()
     assert [type(ms) for _d, ms in transport.sent] == [list]
     assert spool.usage() == (0, 0)
+
+
+def test_the_daemons_fronted_spool_hands_out_batch_files_as_records_then_memory(
+    tmp_path: Path,
+) -> None:
+    from dropr.client._front import FrontedSpool
+    from dropr.client._putlog import PutLog
+    from dropr.client._spool import Spool
+
+    spool = Spool(str(tmp_path / "fronted"), daemon=True, put_socket=False)
+    try:
+        log = PutLog(spool.path)
+        log.open()
+        front = FrontedSpool(spool.storage, log)
+        in_memory, on_disk = messages(2), messages(3)
+        front.offer(in_memory, log.append(in_memory))
+        spool.storage.add(DEST, on_disk)
+        batch = front.take_wire(DEST, 10, 10_000)
+        assert isinstance(batch, WireBatch) and batch.ids == [m.id for m in on_disk]
+        front.release(batch)  # back to the spool, by its indexes
+        batch = front.take_wire(DEST, 10, 10_000)
+        assert isinstance(batch, WireBatch) and batch.ids == [m.id for m in on_disk]
+        front.ack(batch)
+        assert batch._messages is None
+        held = front.take_wire(DEST, 10, 10_000)
+        assert [m.id for m in held] == [m.id for m in in_memory]
+        front.ack(held)
+        assert front.take_wire(DEST, 10, 10_000) == [] and front.usage() == (0, 0)
+    finally:
+        spool.close()
