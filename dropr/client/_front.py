@@ -33,6 +33,7 @@ from zope.interface import implementer
 from dropr._message import Message
 from dropr.client._putlog import PutLog, Segment
 from dropr.interfaces import ISpoolStorage, QueueStats
+from dropr.wire import WireBatch
 
 #: Messages (of all destinations) held in memory before a destination's are
 #: moved into the spool at once.
@@ -107,6 +108,23 @@ class FrontedSpool:
         found = self.inner.take(queue, limit, lease)
         if found:
             return list(found)
+        return self._take_held(queue, limit, horizon)
+
+    def take_wire(
+        self, queue: str, limit: int, max_bytes: int, lease: float | None = None
+    ) -> WireBatch | list[Message]:
+        """``take``, with the spool's batch files as records ready for the wire."""
+        take_wire = getattr(self.inner, "take_wire", None)
+        if take_wire is None:
+            return self.take(queue, limit, lease)
+        with self._lock:
+            horizon = self._arrived
+        found = take_wire(queue, limit, max_bytes, lease)
+        if found:
+            return found  # type: ignore[no-any-return]
+        return self._take_held(queue, limit, horizon)
+
+    def _take_held(self, queue: str, limit: int, horizon: int) -> list[Message]:
         with self._lock:
             waiting = self._waiting.get(queue)
             if not waiting:
@@ -147,6 +165,9 @@ class FrontedSpool:
             self.log.done(segment, count)
 
     def ack(self, messages: Iterable[Message]) -> None:
+        if isinstance(messages, WireBatch):
+            self.inner.ack(messages)  # taken from the spool's batch files
+            return
         mine, others = self._split(messages)
         if others:
             self.inner.ack(others)
@@ -154,6 +175,9 @@ class FrontedSpool:
             self._forget(mine)
 
     def release(self, messages: Iterable[Message]) -> None:
+        if isinstance(messages, WireBatch):
+            self.inner.release(messages)  # taken from the spool's batch files
+            return
         mine, others = self._split(messages)
         if others:
             self.inner.release(others)
@@ -175,6 +199,9 @@ class FrontedSpool:
                     queue.sort(key=_arrival)
 
     def fail(self, messages: Iterable[Message], reason: str) -> None:
+        if isinstance(messages, WireBatch):
+            self.inner.fail(messages, reason)
+            return
         mine, others = self._split(messages)
         if others:
             self.inner.fail(others, reason)
