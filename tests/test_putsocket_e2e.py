@@ -178,59 +178,58 @@ def test_a_daemon_killed_mid_put_loses_nothing_acknowledged(
     check(acked, drain(server.store))
 
 
-def test_answered_puts_survive_a_killed_daemon_and_go_before_later_ones(tmp_path: Path) -> None:
-    # No server yet: what the daemon answered waits in its put log (a long
-    # rescan keeps it there rather than in the spool).
+def client_with_no_server_yet(tmp_path: Path) -> tuple[ClientProcess, str, int]:
+    """A client daemon whose destination does not answer yet; its URL and port.
+
+    A long rescan keeps what the daemon answered in its put log and memory
+    until a sender gives it back.
+    """
     port = free_port()
-    url = f"http://127.0.0.1:{port}/"
     spool = str(tmp_path / "spool")
     client = ClientProcess(spool, str(tmp_path / "client.log"), ["--rescan", "600"])
     client.start_and_wait()
     wait_until(lambda: os.path.exists(os.path.join(spool, "put.sock")), 10, what="the socket")
-    with dropr.Spool(spool) as s:
+    return client, f"http://127.0.0.1:{port}/", port
+
+
+def deliver_and_drain(
+    tmp_path: Path, client: ClientProcess, port: int, ids: list[str]
+) -> list[str]:
+    """Start the server, restart the client, wait for ``ids``: what the store holds, in order."""
+    server = ServerProcess(str(tmp_path / "store"), str(tmp_path / "server.log"), port=port)
+    server.start_and_wait()
+    try:
+        client.start_and_wait()
+        try:
+            wait_for(server.store, set(ids))
+        finally:
+            client.stop()
+        return [m.id for m in drain(server.store)]
+    finally:
+        server.stop()
+
+
+def test_answered_puts_survive_a_killed_daemon_and_go_before_later_ones(tmp_path: Path) -> None:
+    client, url, port = client_with_no_server_yet(tmp_path)
+    with dropr.Spool(client.spool) as s:
         answered = [s.put(b"a:%d" % i, url, "orders") for i in range(5)]
         assert s.written_here == 0
-        assert segments(spool), "the answered puts should be in the put log"
+        assert segments(client.spool), "the answered puts should be in the put log"
         client.kill()
         # The daemon is gone: the producer writes its next puts itself.
         later = [s.put(b"b:%d" % i, url, "orders") for i in range(5)]
         assert s.written_here == 5
-    server = ServerProcess(str(tmp_path / "store"), str(tmp_path / "server.log"), port=port)
-    server.start_and_wait()
-    try:
-        client.start_and_wait()
-        try:
-            wait_for(server.store, set(answered + later))
-        finally:
-            client.stop()
-        assert "moved 5 puts from the put log into the spool" in client.log_text()
-        assert [m.id for m in drain(server.store)] == answered + later
-    finally:
-        server.stop()
+    assert deliver_and_drain(tmp_path, client, port, answered + later) == answered + later
+    assert "moved 5 puts from the put log into the spool" in client.log_text()
 
 
 def test_a_stopped_daemon_leaves_what_it_could_not_send_in_the_spool(tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    spool = str(tmp_path / "spool")
-    client = ClientProcess(spool, str(tmp_path / "client.log"), ["--rescan", "600"])
-    client.start_and_wait()
-    wait_until(lambda: os.path.exists(os.path.join(spool, "put.sock")), 10, what="the socket")
-    with dropr.Spool(spool) as s:
+    client, url, port = client_with_no_server_yet(tmp_path)
+    with dropr.Spool(client.spool) as s:
         answered = [s.put(b"a:%d" % i, url, "orders") for i in range(3)]
         assert s.written_here == 0
     client.stop()
-    assert segments(spool) == []  # the log is empty and removed at a clean stop
-    with dropr.Spool(spool, put_socket=False) as s:
+    assert segments(client.spool) == []  # the log is empty and removed at a clean stop
+    with dropr.Spool(client.spool, put_socket=False) as s:
         assert s.stats()[url].depth == 3  # in the spool, where it shows and counts
-    server = ServerProcess(str(tmp_path / "store"), str(tmp_path / "server.log"), port=port)
-    server.start_and_wait()
-    try:
-        client.start_and_wait()
-        try:
-            wait_for(server.store, set(answered))
-        finally:
-            client.stop()
-        assert [m.id for m in drain(server.store)] == answered
-    finally:
-        server.stop()
+    assert deliver_and_drain(tmp_path, client, port, answered) == answered

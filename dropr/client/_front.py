@@ -25,7 +25,7 @@ start.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from zope.interface import implementer
@@ -164,23 +164,23 @@ class FrontedSpool:
         for segment, count in per_segment.values():
             self.log.done(segment, count)
 
-    def ack(self, messages: Iterable[Message]) -> None:
+    def _mine(self, messages: Iterable[Message], spools: Callable[[Any], None]) -> list[Entry]:
+        """Hand the spool's messages to ``spools``; return the entries memory gave."""
         if isinstance(messages, WireBatch):
-            self.inner.ack(messages)  # taken from the spool's batch files
-            return
+            spools(messages)  # taken from the spool's batch files
+            return []
         mine, others = self._split(messages)
         if others:
-            self.inner.ack(others)
+            spools(others)
+        return mine
+
+    def ack(self, messages: Iterable[Message]) -> None:
+        mine = self._mine(messages, self.inner.ack)
         if mine:
             self._forget(mine)
 
     def release(self, messages: Iterable[Message]) -> None:
-        if isinstance(messages, WireBatch):
-            self.inner.release(messages)  # taken from the spool's batch files
-            return
-        mine, others = self._split(messages)
-        if others:
-            self.inner.release(others)
+        mine = self._mine(messages, self.inner.release)
         if not mine:
             return
         # Given back, mostly because the server could not be reached: into
@@ -199,12 +199,7 @@ class FrontedSpool:
                     queue.sort(key=_arrival)
 
     def fail(self, messages: Iterable[Message], reason: str) -> None:
-        if isinstance(messages, WireBatch):
-            self.inner.fail(messages, reason)
-            return
-        mine, others = self._split(messages)
-        if others:
-            self.inner.fail(others, reason)
+        mine = self._mine(messages, lambda spools: self.inner.fail(spools, reason))
         if mine:
             # A failure belongs in the spool's failed area, with its reason;
             # only a message the spool holds can get there.  Moved into the
