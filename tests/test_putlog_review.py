@@ -331,3 +331,43 @@ def test_review_a_put_for_a_new_destination_during_the_stop_is_not_sent_after_it
         for p in transport.pending:
             if not p.deferred.called:
                 p.deferred.cancel()
+
+
+# -- 8. the producer's client across fork() ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_review_a_child_forked_while_a_thread_puts_does_not_hang(tmp_path: Path) -> None:
+    """``PutSocketClient`` is shared by every thread of a producer and its
+    lock is taken around each connection pick; ``register_at_fork`` only
+    bumps the generation.  A fork while another thread holds the lock (a
+    threaded app with a pre-fork worker model) leaves the child's copy
+    locked for ever: the child's first ``put()`` hangs, it never falls back
+    to writing its own batch."""
+    import signal
+    import threading
+
+    from dropr.client._putclient import PutSocketClient
+
+    client = PutSocketClient(str(tmp_path / "put.sock"), timeout=1.0)
+    held, release = threading.Event(), threading.Event()
+
+    def another_thread() -> None:  # mid _connection(): holds the lock a moment
+        with client._lock:
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=another_thread)
+    t.start()
+    held.wait(5)
+    pid = os.fork()
+    if pid == 0:  # the child: one put, which finds no daemon and would write itself
+        signal.alarm(3)
+        client.put(messages(1))
+        os._exit(0)
+    release.set()
+    t.join()
+    _pid, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+        "the child hung on the client's lock (killed by SIGALRM)"
+    )
