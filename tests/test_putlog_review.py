@@ -371,3 +371,38 @@ def test_review_a_child_forked_while_a_thread_puts_does_not_hang(tmp_path: Path)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
         "the child hung on the client's lock (killed by SIGALRM)"
     )
+
+
+def test_review_a_give_back_that_fails_once_can_be_tried_again(spool: dropr.Spool) -> None:
+    """The same root as the wedge above: ``_split`` drops memory's entries
+    from ``_taken`` before the spool's part of the call has run.  A sender
+    whose settle failed keeps the messages and gives them back at its next
+    round, spool's and memory's together (a spool without ``take_wire``,
+    SQLite say, hands out lists); if the spool's release fails once (EIO),
+    memory's messages are known to no one and every later give-back raises
+    UnknownMessage."""
+    front, log = fronted(spool)
+    spool.storage.add(DEST, messages(1))
+    from_spool = list(spool.storage.take(DEST, 10))
+    offer(front, log, messages(1))
+    from_memory = front.take(DEST, 10)
+    assert len(from_spool) == len(from_memory) == 1
+
+    class FlakyOnce:
+        failed = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(spool.storage, name)
+
+        def release(self, messages: Any) -> None:
+            if not FlakyOnce.failed:
+                FlakyOnce.failed = True
+                raise OSError(5, "Input/output error")
+            spool.storage.release(messages)
+
+    front.inner = FlakyOnce()
+    held = from_spool + from_memory  # what the sender holds after the failed settle
+    with pytest.raises(OSError):
+        front.release(held)
+    front.release(held)  # the next round tries again
+    assert front.held() == (0, 0) and log.needed == 0
