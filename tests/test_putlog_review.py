@@ -406,3 +406,41 @@ def test_review_a_give_back_that_fails_once_can_be_tried_again(spool: dropr.Spoo
         front.release(held)
     front.release(held)  # the next round tries again
     assert front.held() == (0, 0) and log.needed == 0
+
+
+# -- 9. a group whose sync failed comes back after a crash -----------------------------
+
+
+def test_review_a_group_whose_sync_failed_is_not_moved_into_the_spool_after_a_crash(
+    spool: dropr.Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``append`` writes the group, then ``fdatasync`` fails (ENOSPC, EIO):
+    every caller is answered 507/500, and a producer whose own write fails
+    too gets StorageFull from put() -- the message was *not* put, and the
+    application may put the payload again under a new id.  But the records
+    are whole in the segment; the next append goes to a new segment and the
+    old one stays while its earlier records are needed.  After a crash,
+    ``recover`` moves them into the spool like answered ones: a put that
+    raised is delivered (and, put again, delivered twice under two ids)."""
+    import errno
+
+    from dropr.client import _putlog
+
+    log = PutLog(spool.path)
+    log.open()
+    answered = messages(1)
+    log.append(answered)  # answered, on the wire when the crash comes
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_putlog.os, "fdatasync", failing)
+    refused = messages(1)
+    with pytest.raises(OSError):
+        log.append(refused)  # its caller got 507 and no copy was stored
+    monkeypatch.setattr(_putlog.os, "fdatasync", real)
+    # kill -9; at the next start:
+    front = FrontedSpool(spool.storage, PutLog(spool.path))
+    recover(spool.path, front.file_in_order)
+    assert drain(front) == [answered[0].id]
