@@ -133,16 +133,24 @@ def offer(front: FrontedSpool, log: PutLog, batch: list[Message]) -> None:
     front.offer(batch, log.append(batch))
 
 
-def test_take_gives_the_spools_messages_first_then_memorys(spool: Spool) -> None:
+def test_take_gives_memory_alone_only_while_the_spool_holds_nothing(spool: Spool) -> None:
     front, log = fronted(spool)
     in_memory = messages(2)
     offer(front, log, in_memory)
-    on_disk = spool.storage.add(DEST, messages(2))
     got = front.take(DEST, 10)
-    assert [m.id for m in got] == on_disk
+    assert [m.id for m in got] == [m.id for m in in_memory]  # no disk: sent from memory
     front.ack(got)
+    assert log.needed == 0 and front.held() == (0, 0)
+
+
+def test_with_both_the_order_of_creation_decides(spool: Spool) -> None:
+    front, log = fronted(spool)
+    older = messages(2)  # through the socket, waiting while a batch is on the wire
+    offer(front, log, older)
+    with Spool(spool.path, put_socket=False) as producer:  # then a put_many of its own
+        newer = producer.put_many([b"b", b"c"], DEST, "orders")
     got = front.take(DEST, 10)
-    assert [m.id for m in got] == [m.id for m in in_memory]
+    assert [m.id for m in got] == [m.id for m in older] + newer
     front.ack(got)
     assert front.take(DEST, 10) == [] and log.needed == 0 and front.held() == (0, 0)
 
@@ -183,7 +191,7 @@ def test_given_back_to_a_full_spool_they_wait_in_memory_in_order(spool: Spool) -
     first, second = front.take(DEST, 2), front.take(DEST, 2)
 
     class Full:
-        def add(self, *args: Any, **kwargs: Any) -> list[str]:
+        def add_filed(self, *args: Any, **kwargs: Any) -> list[str]:
             raise StorageFull("the spool is full")
 
         def take(self, *args: Any) -> list[Message]:
@@ -232,7 +240,7 @@ def test_a_spill_the_spool_refuses_keeps_the_messages_in_memory(spool: Spool) ->
     offer(front, log, batch)
 
     class Full:
-        def add(self, *args: Any, **kwargs: Any) -> list[str]:
+        def add_filed(self, *args: Any, **kwargs: Any) -> list[str]:
             raise StorageFull("the spool is full")
 
     front.inner = Full()
@@ -329,7 +337,7 @@ def test_a_cut_at_any_byte_keeps_every_record_synced_before_it(tmp_path: Path) -
             f.write(data[:cut])
         got: list[str] = []
 
-        def add(_d: str, ms: list[Message], _at: str, got: list[str] = got) -> None:
+        def add(_d: str, ms: list[Message], got: list[str] = got) -> None:
             got.extend(m.id for m in ms)
 
         recover(path, add)

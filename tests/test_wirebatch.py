@@ -275,7 +275,7 @@ def test_a_spool_without_take_wire_is_sent_from_message_objects() -> None:
     assert spool.usage() == (0, 0)
 
 
-def test_the_daemons_fronted_spool_hands_out_batch_files_as_records_then_memory(
+def test_the_daemons_fronted_spool_hands_out_memory_then_batch_files_as_records(
     tmp_path: Path,
 ) -> None:
     from dropr.client._front import FrontedSpool
@@ -289,17 +289,19 @@ def test_the_daemons_fronted_spool_hands_out_batch_files_as_records_then_memory(
         front = FrontedSpool(spool.storage, log)
         in_memory, on_disk = messages(2), messages(3)
         front.offer(in_memory, log.append(in_memory))
+        held = front.take_wire(DEST, 10, 10_000)  # the spool has none: memory's, no disk
+        assert [m.id for m in held] == [m.id for m in in_memory]
+        front.release(held)  # given back: into the spool, filed by their ids
         spool.storage.add(DEST, on_disk)
         batch = front.take_wire(DEST, 10, 10_000)
-        assert isinstance(batch, WireBatch) and batch.ids == [m.id for m in on_disk]
+        everything = [m.id for m in in_memory + on_disk]
+        assert isinstance(batch, WireBatch) and batch.ids == everything
         front.release(batch)  # back to the spool, by its indexes
         batch = front.take_wire(DEST, 10, 10_000)
-        assert isinstance(batch, WireBatch) and batch.ids == [m.id for m in on_disk]
+        assert isinstance(batch, WireBatch) and batch.ids == everything
         front.ack(batch)
         assert batch._messages is None
-        held = front.take_wire(DEST, 10, 10_000)
-        assert [m.id for m in held] == [m.id for m in in_memory]
-        front.ack(held)
         assert front.take_wire(DEST, 10, 10_000) == [] and front.usage() == (0, 0)
+        assert log.needed == 0
     finally:
         spool.close()

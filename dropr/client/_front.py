@@ -24,6 +24,7 @@ start.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -36,10 +37,10 @@ from dropr.interfaces import ISpoolStorage, QueueStats
 from dropr.wire import WireBatch
 
 #: Messages (of all destinations) held in memory before a destination's are
-#: moved into the spool at once.
-MAX_HELD_MESSAGES = 50_000
+#: moved into the spool at once (a batch file each: keep it modest).
+MAX_HELD_MESSAGES = 10_000
 #: The same for payload bytes.
-MAX_HELD_BYTES = 64 * 1024 * 1024
+MAX_HELD_BYTES = 32 * 1024 * 1024
 
 #: An entry: arrival number, message, the log segment holding it.
 Entry = tuple[int, Message, Segment]
@@ -103,12 +104,7 @@ class FrontedSpool:
     # -- the sender's queue operations (disk thread) ---------------------------------------
 
     def take(self, queue: str, limit: int, lease: float | None = None) -> list[Message]:
-        with self._lock:
-            horizon = self._arrived
-        found = self.inner.take(queue, limit, lease)
-        if found:
-            return list(found)
-        return self._take_held(queue, limit, horizon)
+        return list(self._take(queue, lambda: self.inner.take(queue, limit, lease), limit))
 
     def take_wire(
         self, queue: str, limit: int, max_bytes: int, lease: float | None = None
@@ -117,12 +113,29 @@ class FrontedSpool:
         take_wire = getattr(self.inner, "take_wire", None)
         if take_wire is None:
             return self.take(queue, limit, lease)
+        found: WireBatch | list[Message] = self._take(
+            queue, lambda: take_wire(queue, limit, max_bytes, lease), limit
+        )
+        return found
+
+    def _take(self, queue: str, from_spool: Callable[[], Any], limit: int) -> Any:
+        """The spool's messages, or else memory's; never one overtaking an older one.
+
+        When both hold messages for ``queue`` (a producer wrote a batch of
+        its own, say a ``put_many``, while its earlier put waited in memory),
+        memory's go into the spool first, each filed by its own id, so the
+        spool's order (by batch id, which follows creation) decides.
+        """
         with self._lock:
             horizon = self._arrived
-        found = take_wire(queue, limit, max_bytes, lease)
-        if found:
-            return found  # type: ignore[no-any-return]
-        return self._take_held(queue, limit, horizon)
+        found = from_spool()
+        if not found:
+            return self._take_held(queue, limit, horizon)
+        if not self._waiting.get(queue):
+            return found
+        self.inner.release(found)
+        self.spill(queue)
+        return from_spool()
 
     def _take_held(self, queue: str, limit: int, horizon: int) -> list[Message]:
         with self._lock:
@@ -171,8 +184,17 @@ class FrontedSpool:
             return []
         mine, others = self._split(messages)
         if others:
-            spools(others)
+            try:
+                spools(others)
+            except BaseException:
+                self._retake(mine)  # the sender still holds them: all may come again
+                raise
         return mine
+
+    def _retake(self, entries: list[Entry]) -> None:
+        with self._lock:
+            for entry in entries:
+                self._taken[id(entry[1])] = entry
 
     def ack(self, messages: Iterable[Message]) -> None:
         mine = self._mine(messages, self.inner.ack)
@@ -181,11 +203,11 @@ class FrontedSpool:
 
     def release(self, messages: Iterable[Message]) -> None:
         mine = self._mine(messages, self.inner.release)
-        if not mine:
-            return
-        # Given back, mostly because the server could not be reached: into
-        # the spool, where they show, count and wait on disk.  Filed under
-        # their oldest id, they go before what memory still holds.
+        if mine:
+            self._give_back(mine)
+
+    def _give_back(self, mine: list[Entry]) -> None:
+        """Entries a sender let go: into the spool, where they show, count and wait on disk."""
         try:
             self._move_into_spool(mine)
         except Exception:
@@ -204,7 +226,7 @@ class FrontedSpool:
             # A failure belongs in the spool's failed area, with its reason;
             # only a message the spool holds can get there.  Moved into the
             # spool, it is sent once more and, refused again, failed there.
-            self._move_into_spool(mine)
+            self._give_back(mine)
 
     def spill(self, destination: str) -> int:
         """Move what waits in memory for ``destination`` into the spool; how many."""
@@ -231,19 +253,28 @@ class FrontedSpool:
         for entry in entries:
             by_destination.setdefault(_destination(entry), []).append(entry[1])
         for destination, messages in by_destination.items():
-            self.file_in_order(destination, messages, min(m.id for m in messages))
+            self.file_in_order(destination, messages)
+        moved = (len(entries), sum(len(e[1].payload) for e in entries))
+        with self._lock:
+            # Counted as the spool's until its next count (for the room check).
+            self._spool_usage = (
+                self._spool_usage[0] + moved[0],
+                self._spool_usage[1] + moved[1],
+            )
         self.spilled += len(entries)
         self._forget(entries)
 
-    def file_in_order(self, destination: str, messages: list[Message], batch_id: str) -> None:
-        """Store ``messages`` in the spool as one batch filed under ``batch_id``.
+    def file_in_order(self, destination: str, messages: list[Message]) -> None:
+        """Store ``messages`` in the spool, each a batch filed by its own id.
 
-        Messages that waited in memory or in the log go into the spool under
-        their oldest id, so before anything their producers wrote themselves
-        meanwhile: a producer's ids only grow, and a producer writes itself
-        only after the daemon stopped answering it.
+        A producer's ids only grow, and the spool hands batches out in the
+        order of their ids, so a message moved here goes after what its
+        producer wrote before it and before what it wrote after (a batch
+        file's id is made when it is written, after its messages' ids).
+        Each gets a batch of its own because messages of other producers
+        may lie between them in that order.
         """
-        self.inner.add(destination, messages, batch_id=batch_id)
+        self.inner.add_filed(destination, [(filed_id(m.id), m) for m in messages])
 
     # -- everything else is the spool's -------------------------------------------------
 
@@ -282,6 +313,13 @@ class FrontedSpool:
         count, nbytes = self._spool_usage
         held_count, held_bytes = self.held()
         return count + held_count, nbytes + held_bytes
+
+
+def filed_id(message_id: str) -> str:
+    """A batch id that sorts with ``message_id`` and is unique: its time and
+    counter, then new randomness (two batches filed for one message, in a
+    spill and again at a restart, must not share a name's id)."""
+    return message_id[:16] + os.urandom(8).hex()
 
 
 def _destination(entry: Entry) -> str:

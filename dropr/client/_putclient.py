@@ -23,6 +23,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -71,17 +72,26 @@ def encode_request(message: Message) -> bytes:
 #: Bumped in a child after ``fork()``: connections of an older generation
 #: are the parent's (cheaper than a ``getpid()`` per put).
 _generation = 0
+#: Every client of this process, to make their locks anew in a child.
+_clients: weakref.WeakSet[PutSocketClient] = weakref.WeakSet()
 
 
 def _forked() -> None:
     global _generation
     _generation += 1
+    for client in list(_clients):
+        # Another thread may have held the lock at the fork: in the child
+        # nobody ever releases it.
+        client._lock = threading.Lock()
+        client._idle = []
 
 
 os.register_at_fork(after_in_child=_forked)
 
 
 def _timeval(seconds: float) -> bytes:
+    # Zero would mean no timeout at all to the kernel.
+    seconds = max(seconds, 0.001)
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
@@ -105,7 +115,9 @@ class _Connection:
 
     def send(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            # MSG_NOSIGNAL: a daemon gone mid-put is an error here, never a
+            # SIGPIPE that kills a program that restored its default.
+            self.sock.sendall(data, socket.MSG_NOSIGNAL)
         except BlockingIOError:
             raise TimeoutError("the daemon did not take the request in time") from None
 
@@ -161,6 +173,7 @@ class PutSocketClient:
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._generation = _generation
+        _clients.add(self)
         self._hold_off_until = 0.0
 
     def put(self, messages: Sequence[Message]) -> list[Answer]:

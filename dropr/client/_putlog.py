@@ -83,16 +83,16 @@ def segments(spool_path: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def recover(spool_path: str, add: Callable[[str, list[Message], str], object]) -> int:
+def recover(spool_path: str, add: Callable[[str, list[Message]], object]) -> int:
     """Move what the log's segments hold into the spool, then remove them.
 
-    ``add(destination, messages, batch_id)`` stores a destination's
-    messages as one batch filed under ``batch_id``: the oldest of their ids,
+    ``add(destination, messages)`` stores a destination's messages in the
+    spool where their ids place them (:meth:`FrontedSpool.file_in_order`),
     so that they go before anything their producers wrote themselves after
-    the daemon stopped answering (a producer's ids only grow).  Called at
-    the daemon's start, before anything is accepted or sent.  Returns how
-    many messages were moved.  Should ``add`` fail, it raises and the
-    segments stay for the next start: nothing is lost.
+    the daemon stopped answering.  Called at the daemon's start, before
+    anything is accepted or sent.  Returns how many messages were moved.
+    Should ``add`` fail, it raises and the segments stay for the next
+    start: nothing is lost.
     """
     found = segments(spool_path)
     groups: dict[str, list[Message]] = {}
@@ -105,13 +105,24 @@ def recover(spool_path: str, add: Callable[[str, list[Message], str], object]) -
             if m.destination is not None:
                 groups.setdefault(m.destination, []).append(m)
     for destination, messages in groups.items():
-        add(destination, messages, min(m.id for m in messages))
+        add(destination, messages)
     for _number, path in found:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     if found:
         _sync_dir(log_dir(spool_path))
     return sum(len(ms) for ms in groups.values())
+
+
+def log_destinations(spool_path: str) -> set[str]:
+    """The destinations of what the log's segments hold (to hold their senders back)."""
+    found: set[str] = set()
+    for _number, path in segments(spool_path):
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            found.update(
+                m.destination for m in batchfile.decode(f.read()).messages if m.destination
+            )
+    return found
 
 
 class PutLog:
@@ -182,9 +193,13 @@ class PutLog:
                 written += os.write(segment.fd, data[written:])
             os.fdatasync(segment.fd)
         except BaseException:
+            # Its callers are told it failed: it must not come back after a
+            # crash either.  Cut the segment back to what was answered; the
+            # next group starts a new segment whatever happens here.
+            with contextlib.suppress(OSError):
+                os.ftruncate(segment.fd, segment.size)
+                os.fsync(segment.fd)
             with self._lock:
-                # Whatever part of this write reached the file is garbage in
-                # the middle of a segment: start afresh for the next group.
                 segment.size = self.segment_bytes
             raise
         with self._lock:
@@ -211,10 +226,17 @@ class PutLog:
         # segment's messages moved into the spool again at the next start,
         # and the server's dedup keeps one copy of each.
         self._segments.pop(segment.number, None)
-        with contextlib.suppress(OSError):
-            os.close(segment.fd)
+        self._close_file(segment)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(segment.path)
+
+    @staticmethod
+    def _close_file(segment: Segment) -> None:
+        # Once: a number closed twice may by then be another file's.
+        fd, segment.fd = segment.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     @property
     def needed(self) -> int:
@@ -230,7 +252,6 @@ class PutLog:
                 if segment.needed <= 0:
                     self._remove(segment)
                 else:
-                    with contextlib.suppress(OSError):
-                        os.close(segment.fd)
+                    self._close_file(segment)
             self._segments.clear()
             self._current = None

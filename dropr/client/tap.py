@@ -17,7 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from dropr._message import validate_destination
 from dropr.client._front import FrontedSpool
 from dropr.client._notifier import FifoNotifier
-from dropr.client._putlog import PutLog, recover
+from dropr.client._putlog import PutLog, log_destinations, recover
 from dropr.client._putsocket import put_socket_for
 from dropr.client._sender import DestinationSender, DiskRunner, thread_pool_runner
 from dropr.client._spool import Spool, default_spool_path
@@ -108,6 +108,9 @@ class ClientService(service.MultiService):
         self._rescan = LoopingCall(self._rescan_safely)
         self._rescan.clock = reactor
         self._bad_queues: set[str] = set()
+        #: Destinations whose senders wait until the put log is moved.
+        self._held_back: set[str] = set()
+        self._stopping = False
         # Single puts through <spool>/put.sock, written in groups, one sync each.
         # A child once the put log is ready (see _open_put_log).
         self.put_socket = put_socket_for(
@@ -153,15 +156,21 @@ class ClientService(service.MultiService):
             moved = recover(self.spool.path, self.front.file_in_order)
             self.putlog.open()
         except (DroprError, OSError) as e:
+            # Their senders wait too: what producers write meanwhile must
+            # not leave before what the log holds.
+            self._held_back = log_destinations(self.spool.path)
             self.log.warn(
                 "cannot open the put log of {spool} yet ({error}); producers write "
-                "their own batches meanwhile, and the next rescan tries again",
+                "their own batches meanwhile, {count} destinations wait for it, and "
+                "the next rescan tries again",
                 spool=self.spool.path,
                 error=str(e),
+                count=len(self._held_back),
             )
             return False
         if moved:
             self.log.info("moved {count} puts from the put log into the spool", count=moved)
+        self._held_back = set()
         self.put_socket.setServiceParent(self)
         return True
 
@@ -184,6 +193,8 @@ class ClientService(service.MultiService):
     def wake_all(self, force: bool = False) -> None:
         """Find destinations in the spool and wake their senders."""
         for destination in self.storage.queue_names():
+            if destination in self._held_back:
+                continue
             sender = self.senders.get(destination)
             if sender is None:
                 if destination in self._bad_queues:
@@ -200,6 +211,8 @@ class ClientService(service.MultiService):
     def wake_destinations(self, destinations: list[str]) -> None:
         """Wake the senders of ``destinations`` (made if new): the put
         socket just handed them messages."""
+        if self._stopping:
+            return  # the stop moves them into the spool
         for destination in destinations:
             sender = self.senders.get(destination)
             if sender is None:
@@ -246,6 +259,7 @@ class ClientService(service.MultiService):
         )
 
     def stopService(self) -> Any:
+        self._stopping = True
         children = super().stopService()
         if self.notifier is not None:
             self.notifier.stop()

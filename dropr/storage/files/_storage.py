@@ -271,19 +271,26 @@ class FilesystemStorage:
         queue: str,
         messages: Sequence[Message],
         records: Mapping[str, bytes] | None = None,
-        *,
-        batch_id: str | None = None,
     ) -> list[str]:
         """Store ``messages`` in ``queue``, durably; see ``IStorage.add``.
 
         ``records`` may give, by id, a message's record already encoded as a
         batch file holds it (a server receives them so); it is written as is.
-        ``batch_id`` files the batch under that id instead of a new one: the
-        client daemon moves messages that waited in its put log into the
-        spool under their oldest id, so they go before anything their
-        producers wrote later.
         """
-        return self._store([(queue, messages)], records, batch_id)
+        return self._store([(queue, messages)], records)
+
+    def add_filed(self, queue: str, filed: Sequence[tuple[str, Message]]) -> list[str]:
+        """Store each message as a batch of its own, named by the batch id given with it.
+
+        For messages admitted elsewhere first (the client daemon's put log):
+        filed by ids derived from their own, they take the place in the
+        queue's order that their creation gives them, before anything their
+        producer wrote later.  The limits are not applied again.  All or
+        nothing, one sync per bucket.
+        """
+        return self._store(
+            [(queue, [m]) for _bid, m in filed], None, [bid for bid, _m in filed], limits=False
+        )
 
     def store(
         self,
@@ -297,7 +304,8 @@ class FilesystemStorage:
         self,
         batches: Sequence[tuple[str, Sequence[Message]]],
         records: Mapping[str, bytes] | None,
-        batch_id: str | None = None,
+        batch_ids: Sequence[str] | None = None,
+        limits: bool = True,
     ) -> list[str]:
         """Store ``(queue, messages)`` pairs all or nothing; the ids stored.
 
@@ -313,14 +321,17 @@ class FilesystemStorage:
         with self._mutex, disk_errors(self.path):
             self._check_open()
             if self._dedup is not None:
+                assert batch_ids is None, "a store names its own batches"
                 batches = self._dedup.unseen(batches)
-            batches = [(q, ms) for q, ms in batches if ms]
+            if batch_ids is None:
+                batches = [(q, ms) for q, ms in batches if ms]
             if not batches:
                 return []
             stored = [m for _q, ms in batches for m in ms]
             count, nbytes = len(stored), sum(len(m.payload) for m in stored)
-            self._check_limits(count, nbytes)
-            written = self._writer.place(batches, records, batch_id)
+            if limits:
+                self._check_limits(count, nbytes)
+            written = self._writer.place(batches, records, batch_ids)
             if self._dedup is not None:
                 self._dedup.record([m.id for m in stored], max(n.batch_id for n in written))
             for queue, _messages in batches:

@@ -33,12 +33,13 @@ class BatchWriter:
         self,
         batches: Sequence[tuple[str, Sequence[Message]]],
         records: Mapping[str, bytes] | None,
-        batch_id: str | None = None,
+        batch_ids: Sequence[str] | None = None,
     ) -> list[BatchName]:
         """One batch file per queue and priority: written, renamed, synced; all or none.
 
-        The files are named by a new batch id, or by ``batch_id`` when given
-        (messages that waited elsewhere, filed where their time puts them).
+        The files are named by a new batch id, or by ``batch_ids[i]`` for
+        the i-th of ``batches`` when given (messages that waited elsewhere,
+        filed where their time puts them).
 
         Every file is written and synced first, then all are renamed into
         their buckets and the buckets synced.  Any error takes back
@@ -50,7 +51,8 @@ class BatchWriter:
         written: list[tuple[str, str, BatchName]] = []
         placed: list[str] = []
         try:
-            for queue, messages in batches:
+            for n, (queue, messages) in enumerate(batches):
+                given = batch_ids[n] if batch_ids is not None else None
                 qpath = self.layout.queue_dir(queue)
                 by_priority: dict[int, list[Message]] = {}
                 for m in messages:
@@ -58,7 +60,7 @@ class BatchWriter:
                 for priority in sorted(by_priority):
                     group = by_priority[priority]
                     name = BatchName(
-                        batch_id or self.ids(), len(group), sum(len(m.payload) for m in group)
+                        given or self.ids(), len(group), sum(len(m.payload) for m in group)
                     )
                     if records is not None and all(m.id in records for m in group):
                         chunks = [batchfile.MAGIC, *(records[m.id] for m in group)]
