@@ -1,8 +1,11 @@
-"""Review of the client daemon's put path (put log, fronted spool, sender, put client).
+"""Edges of the client daemon's put path (put log, fronted spool, sender, put client).
 
-Each test here shows a defect found in review: it fails on the code as it
-stands and passes once the defect is fixed.  Fast tests on fakes (a real
-spool in tmp_path, a fake transport, a MemoryReactorClock, run_now).
+Each test drives one hard sequence: a crash between a spill and a restart,
+a producer mixing put and put_many, a full spool meeting a refusal, a put
+log that cannot be moved at start, a stop with a put for a new
+destination, a failed sync, a fork while a thread puts.  Fast tests on
+fakes (a real spool in tmp_path, a fake transport, a MemoryReactorClock,
+run_now), one real fork marked slow.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def sent_ids(transport: FakeTransport, destination: str = DEST) -> list[str]:
 # -- 1. order: a producer's own batch file overtakes its earlier put held in memory ----
 
 
-def test_review_put_then_put_many_of_one_producer_keep_their_order(spool: dropr.Spool) -> None:
+def test_put_then_put_many_of_one_producer_keep_their_order(spool: dropr.Spool) -> None:
     """dropr.put(a) goes through the socket (answered, held in memory);
     the same producer's next call, put_many([b, c]) on the same channel,
     writes its own batch file.  ``take`` gives the spool's messages first,
@@ -94,7 +97,7 @@ def test_review_put_then_put_many_of_one_producer_keep_their_order(spool: dropr.
     assert drain(front) == [first[0].id, *later]
 
 
-def test_review_a_put_the_daemon_refused_overtakes_the_one_it_answered(
+def test_a_put_the_daemon_refused_overtakes_the_one_it_answered(
     tmp_path: Path,
 ) -> None:
     """The same on the daemon's real sender: a1 is answered and held while
@@ -124,7 +127,7 @@ def test_review_a_put_the_daemon_refused_overtakes_the_one_it_answered(
 # -- 2. a refusal that cannot move into a full spool wedges the destination ------------
 
 
-def test_review_a_refused_put_meeting_a_full_spool_does_not_wedge_its_sender(
+def test_a_refused_put_meeting_a_full_spool_does_not_wedge_its_sender(
     tmp_path: Path,
 ) -> None:
     """The server refuses a put held in memory for good; ``fail`` moves it
@@ -162,7 +165,7 @@ def test_review_a_refused_put_meeting_a_full_spool_does_not_wedge_its_sender(
 # -- 3. order at restart: a put log that cannot be moved yet is overtaken --------------
 
 
-def test_review_while_the_put_log_waits_the_producers_own_files_do_not_overtake_it(
+def test_while_the_put_log_waits_the_producers_own_files_do_not_overtake_it(
     tmp_path: Path,
 ) -> None:
     """a1 was answered through the socket, then the daemon died.  At the
@@ -214,7 +217,7 @@ class _Full:
         assert not messages  # none of these came from the spool
 
 
-def test_review_a_log_moved_at_restart_under_an_id_the_spool_already_files_loses_none(
+def test_a_log_moved_at_restart_under_an_id_the_spool_already_files_loses_none(
     spool: dropr.Spool,
 ) -> None:
     """Files are named <batch id>-<count>-<bytes> and the state log keys
@@ -257,7 +260,7 @@ def test_review_a_log_moved_at_restart_under_an_id_the_spool_already_files_loses
 # -- 5. the room check forgets what memory moved into the spool ------------------------
 
 
-def test_review_what_moves_from_memory_into_the_spool_still_counts_for_the_room_check(
+def test_what_moves_from_memory_into_the_spool_still_counts_for_the_room_check(
     spool: dropr.Spool,
 ) -> None:
     """The put socket's room check reads ``known_usage()``: the spool's
@@ -277,7 +280,7 @@ def test_review_what_moves_from_memory_into_the_spool_still_counts_for_the_room_
 # -- 6. the put log after its close ----------------------------------------------------
 
 
-def test_review_done_after_close_does_not_close_a_stranger_file(spool: dropr.Spool) -> None:
+def test_done_after_close_does_not_close_a_stranger_file(spool: dropr.Spool) -> None:
     """``close`` closes every segment's fd; a segment with records still
     needed stays in ``Segment`` objects that FrontedSpool holds.  A later
     ``done`` (an ack of a sender still running after the stop, see the next
@@ -304,7 +307,7 @@ def test_review_done_after_close_does_not_close_a_stranger_file(spool: dropr.Spo
 # -- 7. the stop: a sender made while the daemon stops is never stopped -----------------
 
 
-def test_review_a_put_for_a_new_destination_during_the_stop_is_not_sent_after_it(
+def test_a_put_for_a_new_destination_during_the_stop_is_not_sent_after_it(
     tmp_path: Path,
 ) -> None:
     """``stopService`` stops the senders that exist, then waits for the put
@@ -338,7 +341,7 @@ def test_review_a_put_for_a_new_destination_during_the_stop_is_not_sent_after_it
 
 
 @pytest.mark.slow
-def test_review_a_child_forked_while_a_thread_puts_does_not_hang(tmp_path: Path) -> None:
+def test_a_child_forked_while_a_thread_puts_does_not_hang(tmp_path: Path) -> None:
     """``PutSocketClient`` is shared by every thread of a producer and its
     lock is taken around each connection pick; ``register_at_fork`` only
     bumps the generation.  A fork while another thread holds the lock (a
@@ -374,7 +377,7 @@ def test_review_a_child_forked_while_a_thread_puts_does_not_hang(tmp_path: Path)
     )
 
 
-def test_review_a_give_back_that_fails_once_can_be_tried_again(spool: dropr.Spool) -> None:
+def test_a_give_back_that_fails_once_can_be_tried_again(spool: dropr.Spool) -> None:
     """The same root as the wedge above: ``_split`` drops memory's entries
     from ``_taken`` before the spool's part of the call has run.  A sender
     whose settle failed keeps the messages and gives them back at its next
@@ -412,7 +415,7 @@ def test_review_a_give_back_that_fails_once_can_be_tried_again(spool: dropr.Spoo
 # -- 9. a group whose sync failed comes back after a crash -----------------------------
 
 
-def test_review_a_group_whose_sync_failed_is_not_moved_into_the_spool_after_a_crash(
+def test_a_group_whose_sync_failed_is_not_moved_into_the_spool_after_a_crash(
     spool: dropr.Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``append`` writes the group, then ``fdatasync`` fails (ENOSPC, EIO):
