@@ -45,6 +45,7 @@ from dropr.server._answers import (
 from dropr.server._fds import NotEnoughDescriptors, plan_connections
 from dropr.server._receiver import Limits
 from dropr.server._resource import make_site
+from dropr.server._site import SMALL_BODY
 from dropr.server._stats import CappedStats
 from dropr.storage._spec import open_store
 from dropr.wire import CONTENT_TYPE, WireError, encode_batch
@@ -580,7 +581,8 @@ def test_out_of_descriptors_is_answered_503(wire: Wire, monkeypatch: pytest.Monk
         raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", no_descriptor)
-    status, answer, _ = wire.exchange(request(encode_batch(msgs(1))))
+    # A body large enough to be spooled to a file (small ones wait in memory).
+    status, answer, _ = wire.exchange(request(encode_batch(msgs(1, size=SMALL_BODY))))
     assert status == 503
     assert "file descriptors" in answer["error"]
 

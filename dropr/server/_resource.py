@@ -188,6 +188,9 @@ class ReceiverResource(Resource):
         observe(request, 200, "", len(stored) + len(rejected))
         if not gone:
             _finish(request, 200, encode_answer(stored, rejected))
+        # Answered: now get the store ready for the next request (spare
+        # files), in the pool and off every answer's path.
+        deferToThreadPool(self.reactor, self.pool, self.receiver.prepare)
 
     def _failed(self, failure: Failure, request: UploadRequest, gone: list[bool]) -> None:
         refusal = refusal_for(failure.value) if failure.value is not None else None
