@@ -672,3 +672,33 @@ def test_sqlite_is_a_receiving_store(tmp_path: Path) -> None:
         assert store.channel_count() == 1
     finally:
         store.close()
+
+
+def test_a_small_body_waits_in_memory_a_large_one_in_a_file(
+    wire: Wire, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file costs a small request more than its store: only large bodies get one."""
+    files: list[object] = []
+    real = tempfile.TemporaryFile
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        f = real(*a, **kw)
+        files.append(f)
+        return f
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", counted)
+    status, _answer, _ = wire.exchange(request(encode_batch(msgs(3))))
+    assert status == 200
+    assert files == []
+    status, _answer, _ = wire.exchange(request(encode_batch(msgs(1, size=SMALL_BODY))))
+    assert status == 200
+    assert len(files) == 1
+
+
+def test_after_an_answer_the_store_gets_ready_for_the_next_request(wire: Wire) -> None:
+    tmp = os.path.join(wire.store.path, "tmp")
+    assert wire.exchange(request(encode_batch(msgs(1))))[0] == 200
+    spares = {n for n in os.listdir(tmp) if n.startswith("spare.")}
+    assert spares  # made after the answer, in the pool
+    assert wire.exchange(request(encode_batch(msgs(1))))[0] == 200
+    assert len(spares - set(os.listdir(tmp))) == 1  # the second store filled one
