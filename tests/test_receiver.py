@@ -698,6 +698,8 @@ def test_a_small_body_waits_in_memory_a_large_one_in_a_file(
 def test_after_an_answer_the_store_gets_ready_for_the_next_request(wire: Wire) -> None:
     tmp = os.path.join(wire.store.path, "tmp")
     assert wire.exchange(request(encode_batch(msgs(1))))[0] == 200
+    assert os.listdir(tmp) == []  # not before the answer is on its way
+    wire.clock.advance(0)
     spares = {n for n in os.listdir(tmp) if n.startswith("spare.")}
     assert spares  # made after the answer, in the pool
     assert wire.exchange(request(encode_batch(msgs(1))))[0] == 200

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,7 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from dropr.daemon._auth import NOT_AUTHENTICATED, SCHEME, Authenticator, media_type
+from dropr.daemon._auth import NOT_AUTHENTICATED, SCHEME, Authenticator, Claim, media_type
 from dropr.errors import InvalidMessage
 from dropr.interfaces import IReceivingStore
 from dropr.monitoring._metrics import ServerMetrics
@@ -172,24 +172,40 @@ class ReceiverResource(Resource):
         self, result: Result, request: UploadRequest, gone: list[bool], started: float
     ) -> None:
         stored, rejected = result
-        claim = request.claim
+        ms = (time.monotonic() - started) * 1000
+        observe(request, 200, "", len(stored) + len(rejected))
+        if not gone:
+            _finish(request, 200, encode_answer(stored, rejected))
+        # The log line and the store's preparation for the next request
+        # (spare files, in the pool) wait for the reactor's next turn, which
+        # writes the answer out first.
+        cast(IReactorTime, self.reactor).callLater(
+            0, self._after_answer, peer_of(request), request.claim, stored, rejected, ms
+        )
+
+    def _after_answer(
+        self,
+        peer: str,
+        claim: Claim | None,
+        stored: list[str],
+        rejected: dict[str, str],
+        ms: float,
+    ) -> None:
         self.log.info(
             "stored {stored} messages, rejected {rejected} in {ms:.1f} ms from {peer}{signed}",
             stored=len(stored),
             rejected=len(rejected),
-            ms=(time.monotonic() - started) * 1000,
-            peer=peer_of(request),
+            ms=ms,
+            peer=peer,
             # Who sent what: the store itself does not record the sender.
             client=claim.identity if claim is not None else None,
             signed=f" (client {claim.identity})" if claim is not None else "",
             ids=stored,
             rejected_ids=rejected,
         )
-        observe(request, 200, "", len(stored) + len(rejected))
-        if not gone:
-            _finish(request, 200, encode_answer(stored, rejected))
-        # Answered: now get the store ready for the next request (spare
-        # files), in the pool and off every answer's path.
+        self._prepare()
+
+    def _prepare(self) -> None:
         deferToThreadPool(self.reactor, self.pool, self.receiver.prepare)
 
     def _failed(self, failure: Failure, request: UploadRequest, gone: list[bool]) -> None:
