@@ -112,6 +112,10 @@ class FilesystemStorage:
     """
 
     log = Logger()
+    #: A store of a small request is local disk work of a millisecond or
+    #: two: dropr-server may run it in its reactor when idle (see
+    #: dropr.server._resource.StorePlacement).
+    quick_small_stores = True
 
     def __init__(
         self,
