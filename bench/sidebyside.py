@@ -457,6 +457,8 @@ class Setup:
     """What every run shares: directories, the pinning, the systems' interpreters."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        if args.dir:
+            os.makedirs(args.dir, exist_ok=True)
         self.base = tempfile.mkdtemp(prefix="dropr-sidebyside-", dir=args.dir)
         self.pin = not args.no_pin and (os.cpu_count() or 1) >= 2
         self.client_cpu = 0 if self.pin else None

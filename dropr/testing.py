@@ -162,7 +162,7 @@ class StubServer:
         self._clock = clock
         self.transport = FakeTransport(self._answer)
 
-    def _answer(self, destination: str, messages: Sequence[Message]) -> list[SendResult]:
+    def _answer(self, destination: str, messages: Sequence[Message]) -> Sequence[SendResult]:
         if self.down:
             raise DestinationUnavailable(f"{destination} cannot be reached (stub server down)")
         if len(messages) > self.max_messages:

@@ -35,20 +35,24 @@ import json
 import mmap
 import os
 import re
-from collections.abc import Sequence
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, overload
 
-from dropr._message import MAX_PRIORITY, Message
+from dropr._message import MAX_PRIORITY, Message, make_message
 from dropr.errors import DroprError
 from dropr.interfaces import SendResult
-from dropr.storage._batchfile import HEAD, MAGIC, FrameError, encode, frame_at
+from dropr.storage._batchfile import FRAME, HEAD, MAGIC, FrameError, encode, frame_at
 
 CONTENT_TYPE = "application/x-dropr-batch"
 FRESH_HEADER = "X-Dropr-Fresh"
 #: Bytes of a mapped body parsed between two releases of its pages.
 _RELEASE_EVERY = 8 * 1024 * 1024
 _CHANNEL_RE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+#: A record's length and the head of its body, read in one call.
+_RECORD = struct.Struct(">I16sBBH")
 
 
 class WireError(DroprError, ValueError):
@@ -61,8 +65,69 @@ class WireError(DroprError, ValueError):
         self.retry = retry
 
 
+class WireBatch(Sequence[Message]):
+    """Taken messages as the records of a request body, their objects made only if asked for.
+
+    A spool that can (the file system's ``take_wire``) hands its sender the
+    records of its batch files ready for the wire, with their ids and
+    payload sizes: forwarding a batch then builds no object per message.
+    As a sequence it is the taken ``Message`` objects, made on first use
+    (by ``materialize``, with their receipts), so any path that needs them
+    (a refusal, a retry, too old) works unchanged.  ``ack`` of the storage
+    that made it settles it without them (``settle`` is that storage's own
+    record of where the messages lie).
+    """
+
+    __slots__ = ("_materialize", "_messages", "channels", "ids", "nbytes", "records", "settle")
+
+    def __init__(
+        self,
+        records: list[bytes],
+        ids: list[str],
+        nbytes: int,
+        materialize: Callable[[], list[Message]],
+        settle: object,
+        channels: set[str] | None = None,
+    ) -> None:
+        self.records = records
+        self.ids = ids
+        self.nbytes = nbytes
+        self.settle = settle
+        #: The channels of these messages (perhaps more: never fewer).
+        self.channels = channels if channels is not None else set()
+        self._materialize = materialize
+        self._messages: list[Message] | None = None
+
+    def body(self) -> bytes:
+        """The request body carrying these messages."""
+        return b"".join([MAGIC, *self.records])
+
+    def messages(self) -> list[Message]:
+        """The taken messages as objects (made once)."""
+        if self._messages is None:
+            self._messages = self._materialize()
+            if [m.id for m in self._messages] != self.ids:
+                raise AssertionError("a wire batch's messages do not match its records")
+        return self._messages
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> Message: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Message]: ...
+    def __getitem__(self, index: int | slice) -> Message | list[Message]:
+        return self.messages()[index]
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self.messages())
+
+
 def encode_batch(messages: Sequence[Message]) -> bytes:
     """The request body carrying ``messages`` (destinations left out)."""
+    if isinstance(messages, WireBatch):
+        return messages.body()
     return b"".join(encode(messages, destinations=False))
 
 
@@ -110,71 +175,99 @@ def _parse(data: bytes | mmap.mmap, max_payload: int, max_messages: int) -> Pars
     max_body = HEAD.size + 64 + 0xFFFF + max_payload
     channels: dict[bytes, str] = {}
     seen: set[str] = set()
-    unpack_head = HEAD.unpack_from
+    unpack_record = _RECORD.unpack_from
+    unpack_frame = FRAME.unpack_from
+    crc32 = zlib.crc32
+    make = make_message
     head_size = HEAD.size
     end = len(data)
+    view = memoryview(data)
+    # A record needs its frame, head and CRC: 28 bytes at least.
+    last_start = end - (4 + head_size + 4)
     pos = len(MAGIC)
     count = 0
     mapped = isinstance(data, mmap.mmap)
     released = 0
-    while pos < end:
-        if mapped and pos - released >= _RELEASE_EVERY:
-            # The mapped pages already parsed count in the process's memory
-            # until the map is closed; give them back as parsing goes on, so
-            # a large body costs its messages, not their copy as well.
-            upto = pos - pos % mmap.PAGESIZE
-            data.madvise(mmap.MADV_DONTNEED, 0, upto)  # type: ignore[union-attr]
-            released = upto
-        count += 1
-        if count > max_messages:
-            raise WireError(
-                f"more than {max_messages} messages in one request; send smaller batches",
-                413,
-            )
-        try:
-            body_start, stop = frame_at(data, pos, end, max_body)
-        except FrameError as e:
-            raise _frame_error(e, count - 1, max_payload) from None
-        length = stop - body_start
-        record = data[pos : stop + 4]
-        raw_id, priority, clen, dlen = unpack_head(record, 4)
-        message_id = raw_id.hex()
-        pos = stop + 4
-        p = 4 + head_size
-        payload_start = p + clen + dlen
-        if payload_start > 4 + length:
-            rejected[message_id] = "field lengths exceed the record"
-            continue
-        raw_channel = record[p : p + clen]
-        channel = channels.get(raw_channel)
-        if channel is None:
-            if not _CHANNEL_RE.match(raw_channel):
+    try:
+        while pos < end:
+            if mapped and pos - released >= _RELEASE_EVERY:
+                # The mapped pages already parsed count in the process's memory
+                # until the map is closed; give them back as parsing goes on, so
+                # a large body costs its messages, not their copy as well.
+                upto = pos - pos % mmap.PAGESIZE
+                data.madvise(mmap.MADV_DONTNEED, 0, upto)  # type: ignore[union-attr]
+                released = upto
+            count += 1
+            if count > max_messages:
+                raise WireError(
+                    f"more than {max_messages} messages in one request; send smaller batches",
+                    413,
+                )
+            # The checks of frame_at, inline; any doubt goes to frame_at,
+            # which names the damage.
+            if pos > last_start:
+                _check_frame(data, pos, end, max_body, count - 1, max_payload)
+            length, raw_id, priority, clen, dlen = unpack_record(data, pos)
+            body_start = pos + 4
+            stop = body_start + length
+            if (
+                length < head_size
+                or length > max_body
+                or stop + 4 > end
+                or crc32(view[body_start:stop]) != unpack_frame(data, stop)[0]
+            ):
+                _check_frame(data, pos, end, max_body, count - 1, max_payload)
+            record = data[pos : stop + 4]
+            message_id = raw_id.hex()
+            pos = stop + 4
+            p = 4 + head_size
+            payload_start = p + clen + dlen
+            if payload_start > 4 + length:
+                rejected[message_id] = "field lengths exceed the record"
+                continue
+            raw_channel = record[p : p + clen]
+            channel = channels.get(raw_channel)
+            if channel is None:
+                if not _CHANNEL_RE.match(raw_channel):
+                    rejected[message_id] = (
+                        f"invalid channel name {raw_channel!r}: use 1 to 64 characters "
+                        "from A-Z a-z 0-9 . _ - starting with a letter or digit"
+                    )
+                    continue
+                channel = channels[raw_channel] = raw_channel.decode("ascii")
+            if priority > MAX_PRIORITY:
+                rejected[message_id] = f"invalid priority {priority}: use 0 to 9"
+                continue
+            payload = record[payload_start : 4 + length]
+            if len(payload) > max_payload:
                 rejected[message_id] = (
-                    f"invalid channel name {raw_channel!r}: use 1 to 64 characters "
-                    "from A-Z a-z 0-9 . _ - starting with a letter or digit"
+                    f"payload of {len(payload)} bytes exceeds this server's maximum "
+                    f"of {max_payload} bytes"
                 )
                 continue
-            channel = channels[raw_channel] = raw_channel.decode("ascii")
-        if priority > MAX_PRIORITY:
-            rejected[message_id] = f"invalid priority {priority}: use 0 to 9"
-            continue
-        payload = record[payload_start : 4 + length]
-        if len(payload) > max_payload:
-            rejected[message_id] = (
-                f"payload of {len(payload)} bytes exceeds this server's maximum "
-                f"of {max_payload} bytes"
-            )
-            continue
-        if message_id in seen:
-            # One id names one message: a second record with it is refused
-            # (it could differ in channel, priority or payload).
-            rejected.setdefault(message_id, "the same id appears twice in this request")
-            continue
-        seen.add(message_id)
-        messages.append(Message(message_id, payload, channel, priority))
-        if not dlen:
-            records[message_id] = record
+            if message_id in seen:
+                # One id names one message: a second record with it is refused
+                # (it could differ in channel, priority or payload).
+                rejected.setdefault(message_id, "the same id appears twice in this request")
+                continue
+            seen.add(message_id)
+            messages.append(make(message_id, payload, channel, priority, None, None))
+            if not dlen:
+                records[message_id] = record
+    finally:
+        view.release()
     return result
+
+
+def _check_frame(
+    data: bytes | mmap.mmap, pos: int, end: int, max_body: int, index: int, max_payload: int
+) -> None:
+    """Raise the ``WireError`` for the record at ``pos`` that failed the fast checks."""
+    try:
+        frame_at(data, pos, end, max_body)
+    except FrameError as e:
+        raise _frame_error(e, index, max_payload) from None
+    raise AssertionError(f"record at byte {pos} failed a check frame_at passes")
 
 
 def _frame_error(e: FrameError, index: int, max_payload: int) -> WireError:
@@ -199,7 +292,52 @@ def encode_answer(stored: Sequence[str], rejected: dict[str, str]) -> bytes:
     return json.dumps({"stored": list(stored), "rejected": rejected}).encode("utf-8")
 
 
-def decode_answer(body: bytes, messages: Sequence[Message]) -> list[SendResult]:
+class AnswerResults(Sequence[SendResult]):
+    """A server's answer as one ``SendResult`` per message, made only when asked for.
+
+    A bulk sender mostly hears "all stored"; it asks ``all_stored`` and acks
+    the whole batch without an object per message.
+    """
+
+    __slots__ = ("_ids", "_rejected", "_stored", "all_stored")
+
+    def __init__(self, ids: list[str], stored: set[str] | None, rejected: dict[str, object]):
+        self._ids = ids
+        #: None when every id of the request was stored.
+        self._stored = stored
+        self._rejected = rejected
+        #: True when the server stored every message of the request.
+        self.all_stored = stored is None
+
+    @property
+    def ids(self) -> list[str]:
+        """The ids of the request, in its order."""
+        return self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _result(self, message_id: str) -> SendResult:
+        if self._stored is None or message_id in self._stored:
+            return SendResult(message_id, True)
+        if message_id in self._rejected:
+            return SendResult(message_id, False, str(self._rejected[message_id]), permanent=True)
+        return SendResult(message_id, False, "not mentioned in the server's answer")
+
+    @overload
+    def __getitem__(self, index: int) -> SendResult: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[SendResult]: ...
+    def __getitem__(self, index: int | slice) -> SendResult | list[SendResult]:
+        if isinstance(index, slice):
+            return [self._result(i) for i in self._ids[index]]
+        return self._result(self._ids[index])
+
+    def __iter__(self) -> Iterator[SendResult]:
+        return (self._result(i) for i in self._ids)
+
+
+def decode_answer(body: bytes, messages: Sequence[Message]) -> AnswerResults:
     """One ``SendResult`` per message from a server's JSON answer.
 
     A message the answer does not mention is reported not stored, to be
@@ -207,22 +345,18 @@ def decode_answer(body: bytes, messages: Sequence[Message]) -> list[SendResult]:
     """
     try:
         data = json.loads(body)
-        if not isinstance(data.get("stored"), list):
+        stored_ids = data.get("stored")
+        if not isinstance(stored_ids, list):
             raise TypeError("stored is not a list")
-        stored = set(data["stored"])
         rejected = data.get("rejected", {})
         if not isinstance(rejected, dict):
             raise TypeError("rejected is not an object")
+        ids = messages.ids if isinstance(messages, WireBatch) else [m.id for m in messages]
+        # The usual answer names every id of the request as stored, in its
+        # order: one comparison in C instead of a set and an object per id.
+        stored = None if not rejected and stored_ids == ids else set(stored_ids)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         # (security) Whatever a server or a man in the middle answers, the
         # sender gets a WireError (retry later) and acks nothing.
         raise WireError(f"unreadable answer from server: {e}") from e
-    results = []
-    for m in messages:
-        if m.id in stored:
-            results.append(SendResult(m.id, True))
-        elif m.id in rejected:
-            results.append(SendResult(m.id, False, str(rejected[m.id]), permanent=True))
-        else:
-            results.append(SendResult(m.id, False, "not mentioned in the server's answer"))
-    return results
+    return AnswerResults(ids, stored, rejected)

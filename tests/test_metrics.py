@@ -273,11 +273,23 @@ def test_client_metrics_read_the_senders_and_the_spool() -> None:
     assert stats["destinations"][down]["state"] == "backoff"
     assert stats["destinations"][down]["depth"] == 4
     assert stats["destinations"][down]["last_error"] == "ConnectionRefusedError"
+
     assert stats["totals"]["stored"] == 9 and stats["totals"]["send_errors"] == 5
     assert stats["rates"]["series"]["stored"][-1] == 9
 
 
 # -- logs ----------------------------------------------------------------------------
+
+
+def test_client_metrics_show_the_put_socket() -> None:
+    figures = {"puts": 40, "writes": 9, "held_messages": 3, "held_bytes": 600}
+    m = ClientMetrics(lambda: {}, lambda: {}, put_figures=lambda: figures)
+    got = samples(m.render_metrics())
+    assert got[("dropr_client_put_socket_puts_total", ())] == 40
+    assert got[("dropr_client_put_socket_writes_total", ())] == 9
+    assert got[("dropr_client_held_messages", ())] == 3
+    assert got[("dropr_client_held_bytes", ())] == 600
+    assert m.stats_json()["put_socket"] == figures
 
 
 def test_json_log_lines_keep_the_fields() -> None:
@@ -485,6 +497,7 @@ def test_the_documented_metrics_exist() -> None:
     client = ClientMetrics(
         lambda: {"http://a/": FakeSender()},  # type: ignore[dict-item]
         lambda: {"http://a/": QueueStats(1, 1, 1.0, 0, 0)},
+        put_figures=lambda: {"puts": 1, "writes": 1},
     )
     client.batch(FakeSender(), 1, 0, 0)  # type: ignore[arg-type]
     served: set[str] = set()

@@ -96,6 +96,25 @@ def test_ids_stay_increasing_past_the_per_millisecond_counter() -> None:
     assert id_millis(ids[-1]) == 1_000_000_001
 
 
+@given(st.lists(st.tuples(_times, st.integers(min_value=0, max_value=70_000)), max_size=6))
+@settings(max_examples=30, deadline=None)
+def test_batches_of_ids_increase_with_single_ids_whatever_the_clock_does(
+    calls: list[tuple[float, int]],
+) -> None:
+    """``new_ids`` (one random draw per call) and ``new_id`` share one strictly rising sequence."""
+    with _fresh_id_state():
+        ids: list[str] = []
+        for t, count in calls:
+            batch = new_ids(count, now=t)
+            assert len(batch) == count
+            assert all(id_millis(i) >= int(t * 1000) for i in batch[:1])
+            assert len({i[16:] for i in batch}) <= 1  # one draw per batch
+            ids.extend(batch)
+            ids.append(new_id(t))
+    assert all(_HEX32.match(i) for i in ids)
+    assert all(a < b for a, b in itertools.pairwise(ids))
+
+
 def test_new_ids_are_increasing_and_distinct_across_calls() -> None:
     ids = new_ids(500) + new_ids(500) + [new_id() for _ in range(500)]
     assert len(set(ids)) == len(ids)

@@ -28,7 +28,7 @@ from dropr.client._puthttp import (
     RequestParser,
     message_from_request,
 )
-from dropr.client._putsocket import GroupCommit, Outcome, PutFactory, socket_path
+from dropr.client._putsocket import GroupCommit, PutFactory, check_room, socket_path
 from dropr.errors import InvalidMessage, StorageFull
 
 DEST = "http://central:8080/"
@@ -142,29 +142,32 @@ def test_only_post_to_the_root() -> None:
 
 
 class FakeDisk:
-    """Stands in for the daemon's disk thread: runs a job when told to."""
+    """Stands in for the daemon's writer thread: runs a job when told to."""
 
     def __init__(self) -> None:
-        self.adds: list[tuple[str, list[str]]] = []
-        self.jobs: list[tuple[Callable[[], Outcome], defer.Deferred[Outcome]]] = []
+        self.writes: list[list[str]] = []
+        self.jobs: list[tuple[Callable[[], object], defer.Deferred[object]]] = []
         self.fail_with: BaseException | None = None
-        self.invalid: set[str] = set()
 
-    def add(self, destination: str, messages: list[Message]) -> None:
+    def write(self, messages: list[Message]) -> str:
         if self.fail_with is not None:
             raise self.fail_with
-        if any(m.id in self.invalid for m in messages):
-            raise InvalidMessage("bad one")
-        self.adds.append((destination, [m.id for m in messages]))
+        self.writes.append([m.id for m in messages])
+        return f"segment-{len(self.writes)}"
 
-    def run(self, job: Callable[[], Outcome]) -> defer.Deferred[Outcome]:
-        d: defer.Deferred[Outcome] = defer.Deferred()
+    def run(self, job: Callable[[], object]) -> defer.Deferred[object]:
+        d: defer.Deferred[object] = defer.Deferred()
         self.jobs.append((job, d))
         return d
 
     def finish_one(self) -> None:
         job, d = self.jobs.pop(0)
-        d.callback(job())
+        try:
+            result = job()
+        except BaseException as e:
+            d.errback(Failure(e))
+        else:
+            d.callback(result)
 
 
 def message(destination: str = DEST, payload: bytes = b"p") -> Message:
@@ -177,10 +180,12 @@ def fired(d: defer.Deferred[Any]) -> list[Any]:
     return out
 
 
-def test_puts_of_one_turn_are_one_batch_answered_after_its_write() -> None:
+def test_puts_of_one_turn_are_one_write_answered_after_its_sync() -> None:
     clock, disk = Clock(), FakeDisk()
-    handed: list[list[str]] = []
-    commit = GroupCommit(disk.add, disk.run, clock, handed.append)
+    handed: list[tuple[list[str], object]] = []
+    commit = GroupCommit(
+        disk.write, disk.run, clock, lambda ms, token: handed.append(([m.id for m in ms], token))
+    )
     ms = [message(), message(), message("http://other:1/")]
     results = [fired(commit.put(m)) for m in ms]
     assert disk.jobs == []  # nothing before the end of the turn
@@ -188,85 +193,77 @@ def test_puts_of_one_turn_are_one_batch_answered_after_its_write() -> None:
     assert len(disk.jobs) == 1
     assert results == [[], [], []] and handed == []  # not before the sync
     disk.finish_one()
-    assert disk.adds == [(DEST, [ms[0].id, ms[1].id]), ("http://other:1/", [ms[2].id])]
+    assert disk.writes == [[m.id for m in ms]]  # every destination in one write
     assert results == [[None], [None], [None]]
-    assert handed == [[DEST, "http://other:1/"]]  # the senders are woken after it
+    # The messages go to their senders after the sync, with where they are.
+    assert handed == [([m.id for m in ms], "segment-1")]
     assert commit.batches == 1 and commit.stored == 3
 
 
-def test_what_arrives_during_a_write_is_the_next_batch() -> None:
+def test_what_arrives_during_a_write_is_the_next_write() -> None:
     clock, disk = Clock(), FakeDisk()
-    commit = GroupCommit(disk.add, disk.run, clock)
+    commit = GroupCommit(disk.write, disk.run, clock)
     first = fired(commit.put(message()))
     clock.advance(0)
     later = [fired(commit.put(message())) for _ in range(3)]
     clock.advance(0)
     assert len(disk.jobs) == 1  # one write at a time
-    disk.finish_one()
-    assert first == [None] and later == [[], [], []]
-    assert len(disk.jobs) == 1  # the three, together, at once
-    disk.finish_one()
-    assert later == [[None]] * 3
-    assert [len(ids) for _d, ids in disk.adds] == [1, 3]
-
-
-def test_with_two_writers_a_second_batch_syncs_beside_the_first() -> None:
-    clock, disk = Clock(), FakeDisk()
-    commit = GroupCommit(disk.add, disk.run, clock, max_writers=2)
-    first = fired(commit.put(message()))
-    clock.advance(0)
-    second = [fired(commit.put(message())) for _ in range(2)]
-    clock.advance(0)
-    assert len(disk.jobs) == 2  # not waiting for the first sync
-    third = fired(commit.put(message()))
-    clock.advance(0)
-    assert len(disk.jobs) == 2  # both writers busy: it waits, and gathers
     idle = fired(commit.idle())
     disk.finish_one()
-    assert first == [None] and second == [[], []]
-    assert len(disk.jobs) == 2 and idle == []
+    assert first == [None] and later == [[], [], []] and idle == []
+    assert len(disk.jobs) == 1  # the three, together, at once
     disk.finish_one()
-    disk.finish_one()
-    assert second == [[None]] * 2 and third == [None] and idle == [None]
-    assert [len(ids) for _d, ids in disk.adds] == [1, 2, 1]
+    assert later == [[None]] * 3 and idle == [None]
+    assert [len(ids) for ids in disk.writes] == [1, 3]
 
 
 def test_a_retried_id_is_written_once() -> None:
     clock, disk = Clock(), FakeDisk()
-    commit = GroupCommit(disk.add, disk.run, clock)
+    commit = GroupCommit(disk.write, disk.run, clock)
     m = message()
     a, b = fired(commit.put(m)), fired(commit.put(m))
     clock.advance(0)
     disk.finish_one()
-    assert disk.adds == [(DEST, [m.id])] and a == b == [None]
+    assert disk.writes == [[m.id]] and a == b == [None]
 
 
-def test_a_full_spool_fails_every_caller_of_the_batch() -> None:
+def test_a_failed_write_fails_every_caller_of_the_group() -> None:
     clock, disk = Clock(), FakeDisk()
-    disk.fail_with = StorageFull("full; retry later")
-    commit = GroupCommit(disk.add, disk.run, clock)
+    disk.fail_with = OSError(28, "No space left on device")
+    handed: list[object] = []
+    commit = GroupCommit(disk.write, disk.run, clock, lambda ms, token: handed.append(token))
     results = [fired(commit.put(message())) for _ in range(2)]
     clock.advance(0)
     disk.finish_one()
     for r in results:
-        assert isinstance(r[0], Failure) and r[0].check(StorageFull)
-
-
-def test_an_invalid_message_fails_alone() -> None:
-    clock, disk = Clock(), FakeDisk()
-    commit = GroupCommit(disk.add, disk.run, clock)
-    good, bad = message(), message()
-    disk.invalid.add(bad.id)
-    rg, rb = fired(commit.put(good)), fired(commit.put(bad))
+        assert isinstance(r[0], Failure) and r[0].check(OSError)
+    assert handed == []  # nothing to send
+    disk.fail_with = None
+    again = fired(commit.put(message()))
     clock.advance(0)
     disk.finish_one()
-    assert rg == [None] and isinstance(rb[0], Failure) and rb[0].check(InvalidMessage)
-    assert disk.adds == [(DEST, [good.id])]
+    assert again == [None]  # the next group is written
+
+
+def test_a_put_past_the_spools_limits_is_refused_at_once() -> None:
+    clock, disk = Clock(), FakeDisk()
+
+    def room(count: int, nbytes: int) -> None:
+        check_room(count + 9, nbytes, 10, None, "/spool")
+
+    commit = GroupCommit(disk.write, disk.run, clock, room=room)
+    assert fired(commit.put(message())) == []
+    refused = fired(commit.put(message()))
+    assert isinstance(refused[0], Failure) and refused[0].check(StorageFull)
+    assert "/spool is full (10 messages waiting)" in str(refused[0].value)
+    clock.advance(0)
+    disk.finish_one()
+    assert disk.writes and len(disk.writes[0]) == 1
 
 
 def test_too_much_waiting_is_refused_not_buffered() -> None:
     clock, disk = Clock(), FakeDisk()
-    commit = GroupCommit(disk.add, disk.run, clock, max_pending_bytes=10)
+    commit = GroupCommit(disk.write, disk.run, clock, max_pending_bytes=10)
     fired(commit.put(message(payload=b"x" * 8)))
     refused = fired(commit.put(message(payload=b"x" * 8)))
     assert isinstance(refused[0], Failure) and refused[0].check(StorageFull)
@@ -276,7 +273,7 @@ def test_too_much_waiting_is_refused_not_buffered() -> None:
 
 
 def connection(disk: FakeDisk, clock: Clock) -> tuple[Any, StringTransport]:
-    factory = PutFactory(GroupCommit(disk.add, disk.run, clock), max_payload=1000)
+    factory = PutFactory(GroupCommit(disk.write, disk.run, clock), max_payload=1000)
     proto = factory.buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
@@ -485,3 +482,44 @@ def test_put_deferred_calls_of_one_turn_share_one_batch(tmp_path: Path) -> Any:
             yield s.put_deferred(b"x", "not a url")
     finally:
         s.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"destination={QDEST}&channel=orders&priority=2&id={'a' * 32}",
+        "destination=http://central:8080/&channel=c",
+        "a=1&a=2&b",
+        "x=a+b%20c&&y=",
+        "k%20x=v&%zz=1",
+    ],
+)
+def test_the_quick_query_parser_reads_what_parse_qs_reads(query: str) -> None:
+    from urllib.parse import parse_qs
+
+    from dropr.client._puthttp import _parse_query
+
+    assert _parse_query(query) == parse_qs(query, keep_blank_values=True)
+
+
+def test_a_forked_child_never_uses_its_parents_connection(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(4)
+    client = _putclient.PutSocketClient(path, timeout=2)
+    conn = client._connection(fresh=False)
+    assert conn is not None
+    client._give_back(conn)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh connection, never the parent's
+        mine = client._connection(fresh=False)
+        os.write(write_end, b"fresh" if mine is not None and mine is not conn else b"reused")
+        os._exit(0)
+    os.close(write_end)
+    assert os.read(read_end, 16) == b"fresh"
+    os.waitpid(pid, 0)
+    assert client._connection(fresh=False) is conn  # the parent keeps its own
+    client.close()
+    server.close()

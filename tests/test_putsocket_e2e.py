@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 import dropr
+from dropr._daemonprocess import free_port
+from dropr.client._putlog import segments
 from dropr.testing import ClientProcess, ServerProcess, wait_until
 
 pytestmark = pytest.mark.slow
@@ -174,3 +176,61 @@ def test_a_daemon_killed_mid_put_loses_nothing_acknowledged(
             if p.poll() is None:
                 p.kill()
     check(acked, drain(server.store))
+
+
+def test_answered_puts_survive_a_killed_daemon_and_go_before_later_ones(tmp_path: Path) -> None:
+    # No server yet: what the daemon answered waits in its put log (a long
+    # rescan keeps it there rather than in the spool).
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    spool = str(tmp_path / "spool")
+    client = ClientProcess(spool, str(tmp_path / "client.log"), ["--rescan", "600"])
+    client.start_and_wait()
+    wait_until(lambda: os.path.exists(os.path.join(spool, "put.sock")), 10, what="the socket")
+    with dropr.Spool(spool) as s:
+        answered = [s.put(b"a:%d" % i, url, "orders") for i in range(5)]
+        assert s.written_here == 0
+        assert segments(spool), "the answered puts should be in the put log"
+        client.kill()
+        # The daemon is gone: the producer writes its next puts itself.
+        later = [s.put(b"b:%d" % i, url, "orders") for i in range(5)]
+        assert s.written_here == 5
+    server = ServerProcess(str(tmp_path / "store"), str(tmp_path / "server.log"), port=port)
+    server.start_and_wait()
+    try:
+        client.start_and_wait()
+        try:
+            wait_for(server.store, set(answered + later))
+        finally:
+            client.stop()
+        assert "moved 5 puts from the put log into the spool" in client.log_text()
+        assert [m.id for m in drain(server.store)] == answered + later
+    finally:
+        server.stop()
+
+
+def test_a_stopped_daemon_leaves_what_it_could_not_send_in_the_spool(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    spool = str(tmp_path / "spool")
+    client = ClientProcess(spool, str(tmp_path / "client.log"), ["--rescan", "600"])
+    client.start_and_wait()
+    wait_until(lambda: os.path.exists(os.path.join(spool, "put.sock")), 10, what="the socket")
+    with dropr.Spool(spool) as s:
+        answered = [s.put(b"a:%d" % i, url, "orders") for i in range(3)]
+        assert s.written_here == 0
+    client.stop()
+    assert segments(spool) == []  # the log is empty and removed at a clean stop
+    with dropr.Spool(spool, put_socket=False) as s:
+        assert s.stats()[url].depth == 3  # in the spool, where it shows and counts
+    server = ServerProcess(str(tmp_path / "store"), str(tmp_path / "server.log"), port=port)
+    server.start_and_wait()
+    try:
+        client.start_and_wait()
+        try:
+            wait_for(server.store, set(answered))
+        finally:
+            client.stop()
+        assert [m.id for m in drain(server.store)] == answered
+    finally:
+        server.stop()

@@ -272,6 +272,80 @@ def test_a_failed_send_gives_the_batch_and_the_prefetched_one_back_in_order() ->
     assert rig.waiting() == 0
 
 
+def put_on(rig: Rig, channel: str, n: int) -> list[Message]:
+    batch = [
+        Message(m.id, m.payload, channel, m.priority, DEST)
+        for m in messages(n, created=rig.clock.seconds())
+    ]
+    rig.spool.add(DEST, batch)
+    return batch
+
+
+def test_batches_of_other_channels_fly_together_and_a_channel_waits_for_its_own() -> None:
+    rig = Rig(FakeTransport(hold=True), max_batch=2)
+    a1, b1, a2 = put_on(rig, "a", 2), put_on(rig, "b", 2), put_on(rig, "a", 2)
+    rig.sender.wake()
+    # a1 and b1 are on the wire together; a2 waits for a1 (same channel).
+    assert [[m.id for m in p.messages] for p in rig.transport.pending] == [
+        [m.id for m in a1],
+        [m.id for m in b1],
+    ]
+    rig.transport.pending[1].answer()  # b1 first: a2 still waits for a1
+    assert len(rig.transport.pending) == 2
+    rig.transport.pending[0].answer()
+    [_, _, p3] = rig.transport.pending
+    assert [m.id for m in p3.messages] == [m.id for m in a2]
+    p3.answer()
+    assert rig.waiting() == 0 and rig.sender.state == "idle"
+    assert rig.sender.stored == 6
+
+
+def test_at_most_max_in_flight_batches_fly_at_once() -> None:
+    rig = Rig(FakeTransport(hold=True), max_batch=1, max_in_flight=2)
+    for channel in ("a", "b", "c"):
+        put_on(rig, channel, 1)
+    rig.sender.wake()
+    assert len(rig.transport.pending) == 2
+    rig.transport.pending[0].answer()
+    assert len(rig.transport.pending) == 3
+    rig.transport.pending[1].answer()
+    rig.transport.pending[2].answer()
+    assert rig.waiting() == 0
+
+
+def test_a_failed_batch_with_another_in_flight_keeps_each_channel_in_order() -> None:
+    rig = Rig(FakeTransport(hold=True), max_batch=2)
+    a1, b1, a2, b2 = (put_on(rig, c, 2) for c in ("a", "b", "a", "b"))
+    rig.sender.wake()
+    first, second = rig.transport.pending
+    first.fail()  # a1 fails while b1 is in flight; a2 must not go before it
+    assert len(rig.transport.pending) == 2
+    second.answer()  # b1 stored
+    assert rig.sender.state == "backoff"
+    rig.transport.hold = False
+    rig.clock.advance(1.0)
+    assert rig.waiting() == 0
+    sent = [m for _, ms in rig.transport.sent for m in ms]
+    for channel, expected in (("a", a1 + a2), ("b", b1 + b2)):
+        stored_order = [m.id for m in sent if m.channel == channel]
+        # b1 once; a1 twice (failed, then sent again), each time before a2.
+        assert sorted(set(stored_order), key=stored_order.index) == [m.id for m in expected]
+    assert rig.sender.stored == 8
+
+
+def test_a_partly_answered_batch_goes_again_before_the_next_of_its_channel() -> None:
+    rig = Rig(FakeTransport(hold=True), max_batch=2)
+    a1, _b1, a2 = put_on(rig, "a", 2), put_on(rig, "b", 2), put_on(rig, "a", 2)
+    rig.sender.wake()
+    first, second = rig.transport.pending
+    first.deferred.callback([SendResult(a1[0].id, True), SendResult(a1[1].id, False, "busy")])
+    rig.transport.hold = False
+    second.answer()
+    assert rig.waiting() == 0
+    order = [m.id for _, ms in rig.transport.sent for m in ms if m.channel == "a"]
+    assert order == [a1[0].id, a1[1].id, a1[1].id, a2[0].id, a2[1].id]
+
+
 def test_stop_cancels_a_send_that_outlives_the_grace() -> None:
     rig = Rig(FakeTransport(hold=True))
     rig.put(2)
@@ -420,6 +494,7 @@ def test_batches_too_large_for_the_server_are_split(
         assert s.max_batch < 30
         got = server.storage.take("orders", 200)
         assert [m.payload for m in got] == payloads  # in order, each once
+        yield s.stop()
     finally:
         spool.close()
         yield server.stop()

@@ -3,19 +3,20 @@
 While ``dropr-client`` runs it listens on ``<spool>/put.sock`` (owner-only).
 A producer posts one message there (:mod:`dropr.client._puthttp` is the
 form, the same a dropr-server accepts) instead of writing a batch file of
-its own.  What arrives together is written as one batch file per
-destination and priority with one sync, on the daemon's disk thread, and
-every caller is answered only after that sync: a put through the socket is
-as durable as one written by the producer, but eight concurrent producers
-share one sync instead of paying eight.
+its own.  What arrives together is appended to the daemon's put log
+(:mod:`dropr.client._putlog`) with one ``fdatasync``, on the daemon's writer
+thread, and every caller is answered only after that sync: a put through
+the socket is as durable as one written by the producer, and everything
+that arrived together shares one flush, without a new file, a rename or a
+directory sync.
 
 "Together" costs no waiting: the first message after a quiet spell is
 written at the end of the reactor turn it arrived in; whatever arrives
-while that write syncs is written next, in one batch.
+while that write syncs is written next, in one go.
 
-The senders are woken as the batch is handed to the disk thread, so their
-take queues right behind the write on the same thread and the batch leaves
-for its server at once, without the wake-up pipe or a rescan.
+Once written, the messages are handed to their senders in memory
+(:mod:`dropr.client._front`): they leave for their server at once, without
+a wake-up, a take from the spool or a read.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ import contextlib
 import errno
 import os
 import stat
-import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dropr._message import Message
+from dropr.client._front import FrontedSpool
 from dropr.client._puthttp import (
     CONTINUE,
     USAGE,
@@ -47,6 +49,7 @@ from dropr.client._puthttp import (
     message_from_request,
     response,
 )
+from dropr.client._putlog import PutLog, Segment
 from dropr.errors import InvalidMessage, StorageFull
 
 SOCKET_NAME = "put.sock"
@@ -57,8 +60,9 @@ MAX_PIPELINED = 256
 #: Connections at once; more are answered 503 and closed.
 MAX_CONNECTIONS = 1024
 
-#: What a group's write gives back per destination: None (stored) or the error.
-Outcome = dict[str, BaseException | None]
+#: Writes a group of messages durably on the writer thread; its token
+#: (the put log's segment) goes to ``on_written``.
+Write = Callable[[list[Message]], object]
 
 
 def socket_path(spool_path: str) -> str:
@@ -66,70 +70,47 @@ def socket_path(spool_path: str) -> str:
     return os.path.join(spool_path, SOCKET_NAME)
 
 
-def write_groups(
-    add: Callable[[str, list[Message]], object], groups: dict[str, list[Message]]
-) -> Outcome:
-    """Store each destination's messages with one ``add``; runs on the disk thread.
-
-    Should an add refuse a message as invalid, the messages of that
-    destination are stored one by one, so that only the bad one is refused.
-    """
-    outcome: Outcome = {}
-    for destination, messages in groups.items():
-        try:
-            add(destination, messages)
-            outcome[destination] = None
-        except InvalidMessage:
-            for m in messages:
-                try:
-                    add(destination, [m])
-                    outcome[m.id] = None
-                except BaseException as e:
-                    outcome[m.id] = e
-        except BaseException as e:
-            outcome[destination] = e
-    return outcome
-
-
 class GroupCommit:
-    """Gathers messages into batches and answers each after its batch's sync.
+    """Gathers messages into groups and answers each after its group's sync.
 
-    Up to ``max_writers`` batches sync at once: a disk serves several
-    flushes in parallel much faster than one after another, so a batch
-    does not wait for the previous one's sync while a writer is free.
+    One group is written at a time: whatever arrives meanwhile waits and is
+    the next group, so the number of syncs adapts to the load by itself.
 
-    :param add: stores one destination's messages durably (``storage.add``);
-        called on a writer thread.
-    :param run: runs a callable on a writer thread, returning a Deferred.
+    :param write: writes a group durably (appends it to the put log and
+        syncs); called on the writer thread.  Raising fails every caller
+        of the group.
+    :param run: runs a callable on the writer thread, returning a Deferred.
     :param reactor: for ``callLater(0, ...)``, the end of the current turn.
-    :param on_written: called with the destinations of a batch once it is
-        durable and its callers are answered (the daemon wakes their
-        senders then).
+    :param on_written: called in the reactor with a group's messages and
+        what ``write`` returned, once its callers are answered (the daemon
+        hands the messages to their senders then).
+    :param room: raises :class:`~dropr.errors.StorageFull` when the spool
+        has no room for ``(count, payload bytes)`` more.
     """
 
     log = Logger()
 
     def __init__(
         self,
-        add: Callable[[str, list[Message]], object],
-        run: Callable[[Callable[[], Outcome]], Deferred[Outcome]],
+        write: Write,
+        run: Callable[[Callable[[], object]], Deferred[object]],
         reactor: Any,
-        on_written: Callable[[list[str]], None] = lambda destinations: None,
+        on_written: Callable[[list[Message], object], None] = lambda messages, token: None,
         max_pending_bytes: int = MAX_PENDING_BYTES,
-        max_writers: int = 1,
+        room: Callable[[int, int], None] = lambda count, nbytes: None,
     ) -> None:
-        self.add = add
+        self.write = write
         self.run = run
         self.reactor = reactor
         self.on_written = on_written
         self.max_pending_bytes = max_pending_bytes
-        self.max_writers = max_writers
+        self.room = room
         self._pending: list[tuple[Message, Deferred[None]]] = []
         self._pending_bytes = 0
         self._scheduled = False
-        self._writing = 0
+        self._writing = False
         self._idle_waiters: list[Deferred[None]] = []
-        #: Batches written and messages stored, for the log and the tests.
+        #: Groups written and messages stored, for the log and the tests.
         self.batches = 0
         self.stored = 0
 
@@ -137,10 +118,14 @@ class GroupCommit:
         """A Deferred that fires once ``message`` is durable (or fails why not)."""
         if self._pending_bytes + len(message.payload) > self.max_pending_bytes and self._pending:
             return _failed(StorageFull("the client daemon has too much waiting to be written"))
+        try:
+            self.room(len(self._pending) + 1, self._pending_bytes + len(message.payload))
+        except StorageFull as e:
+            return _failed(e)
         d: Deferred[None] = Deferred()
         self._pending.append((message, d))
         self._pending_bytes += len(message.payload)
-        if self._writing < self.max_writers and not self._scheduled:
+        if not self._writing and not self._scheduled:
             # At the end of this reactor turn: what arrived with it joins.
             self._scheduled = True
             self.reactor.callLater(0, self._write)
@@ -156,50 +141,50 @@ class GroupCommit:
 
     def _write(self) -> None:
         self._scheduled = False
-        if self._writing >= self.max_writers or not self._pending:
+        if self._writing or not self._pending:
             return
         batch, self._pending, self._pending_bytes = self._pending, [], 0
-        groups: dict[str, list[Message]] = {}
+        group: list[Message] = []
         seen: set[str] = set()
         for m, _d in batch:
             # A producer that retried with the same id: one copy is enough.
             if m.id not in seen:
                 seen.add(m.id)
-                assert m.destination is not None
-                groups.setdefault(m.destination, []).append(m)
-        self._writing += 1
-        d = self.run(lambda: write_groups(self.add, groups))
+                group.append(m)
+        self._writing = True
+        d = self.run(lambda: self.write(group))
         d.addCallbacks(
-            self._written, self._write_failed, callbackArgs=(batch,), errbackArgs=(batch,)
+            self._written,
+            self._write_failed,
+            callbackArgs=(batch, group),
+            errbackArgs=(batch,),
         )
-        d.addBoth(lambda _: self._next(list(groups)))
+        d.addBoth(self._next)
 
-    def _written(self, outcome: Outcome, batch: list[tuple[Message, Deferred[None]]]) -> None:
+    def _written(
+        self, token: object, batch: list[tuple[Message, Deferred[None]]], group: list[Message]
+    ) -> None:
         self.batches += 1
-        for m, d in batch:
-            assert m.destination is not None
-            error = outcome.get(m.id, outcome.get(m.destination))
-            if error is None:
-                self.stored += 1
-                d.callback(None)
-            else:
-                d.errback(Failure(error))
+        self.stored += len(group)
+        for _m, d in batch:
+            d.callback(None)
+        try:
+            self.on_written(group, token)
+        except Exception:
+            self.log.failure("handing {count} puts to their senders failed", count=len(group))
 
     def _write_failed(self, failure: Failure, batch: list[tuple[Message, Deferred[None]]]) -> None:
-        self.log.failure("writing a batch of {count} puts failed", failure, count=len(batch))
+        if not failure.check(StorageFull, OSError):
+            self.log.failure("writing a batch of {count} puts failed", failure, count=len(batch))
         for _m, d in batch:
             d.errback(failure)
 
-    def _next(self, destinations: list[str]) -> None:
-        self._writing -= 1
-        try:
-            self.on_written(destinations)
-        except Exception:
-            self.log.failure("waking the senders of {to} failed", to=destinations)
-        # What arrived while the batch synced was read meanwhile: write it now.
+    def _next(self, _: object) -> None:
+        self._writing = False
+        # What arrived while the group synced was read meanwhile: write it now.
         if self._pending:
             self._write()
-        elif not self._writing:
+        else:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)
@@ -337,30 +322,22 @@ class PutSocketService(service.Service):
     """Listens on the spool's put socket while the client daemon runs.
 
     :param spool_path: the spool directory (owner-only; the socket is 0600 too).
-    :param add: stores one destination's messages durably, on a writer thread.
-    :param run: runs a callable on a writer thread (a Deferred).
-    :param on_written: wakes the senders of the destinations of a batch.
+    :param commit: gathers the puts and writes them.
+    :param max_payload: the largest payload accepted, in bytes.
     """
 
     log = Logger()
 
     def __init__(
-        self,
-        spool_path: str,
-        add: Callable[[str, list[Message]], object],
-        run: Callable[[Callable[[], Outcome]], Deferred[Outcome]],
-        reactor: Any,
-        on_written: Callable[[list[str]], None],
-        max_payload: int,
-        max_writers: int = 1,
+        self, spool_path: str, commit: GroupCommit, reactor: Any, max_payload: int
     ) -> None:
         self.path = socket_path(spool_path)
         self.reactor = reactor
-        self.commit = GroupCommit(add, run, reactor, on_written, max_writers=max_writers)
+        self.commit = commit
         self.factory = PutFactory(self.commit, max_payload)
         self.port: IListeningPort | None = None
         #: Called at start (before listening), and once the socket is closed
-        #: and every accepted put answered: the writer threads live between.
+        #: and every accepted put answered: the writer thread lives between.
         self.on_start: Callable[[], None] = lambda: None
         self.on_stopped: Callable[[], None] = lambda: None
 
@@ -419,56 +396,93 @@ class PutSocketService(service.Service):
         )
 
 
-#: Batches that may sync at once: two overlap one's sync with the next
-#: one's writing; more split the puts into smaller batches (more syncs).
-WRITERS = 2
+class SyncRunner:
+    """Runs a group's write in the reactor thread while syncs are quick, else on a thread.
+
+    A sync of a local disk takes a fraction of a millisecond; handing it to
+    a thread and back costs two thread wake-ups, which on an idle machine
+    take longer than the sync itself.  So the write blocks the reactor
+    instead (what arrives meanwhile waits in the socket buffers and is the
+    next group).  A disk whose syncs grow slow would hold up the senders
+    too, so once the writes' moving average passes ``inline_max`` seconds
+    they go to the writer thread, and come back when they are quick again.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        pool: Any,
+        inline_max: float = 0.002,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.reactor = reactor
+        self.pool = pool
+        self.inline_max = inline_max
+        self.clock = clock
+        #: Moving average of a write's seconds.
+        self.average = 0.0
+        self.inline = 0
+        self.threaded = 0
+
+    def __call__(self, f: Callable[[], object]) -> Deferred[object]:
+        if self.average <= self.inline_max:
+            self.inline += 1
+            return maybeDeferred(self._timed, f)
+        from twisted.internet.threads import deferToThreadPool
+
+        self.threaded += 1
+        return deferToThreadPool(self.reactor, self.pool, self._timed, f)
+
+    def _timed(self, f: Callable[[], object]) -> object:
+        started = self.clock()
+        try:
+            return f()
+        finally:
+            self.average += (self.clock() - started - self.average) / 8
 
 
 def put_socket_for(
-    spool: Any, reactor: Any, wake: Callable[[list[str]], None], writers: int = WRITERS
+    spool: Any, front: FrontedSpool, log: PutLog, reactor: Any, wake: Callable[[list[str]], None]
 ) -> PutSocketService:
     """The put socket of a client daemon's ``spool``.
 
-    Each writer thread stores through a spool object of its own, as a
-    producer process would, so that their syncs overlap.
+    Groups are appended to ``log`` (see :class:`SyncRunner` for which
+    thread), then held in ``front`` for their senders, which ``wake`` wakes.
     """
-    from twisted.internet.threads import deferToThreadPool
     from twisted.python.threadpool import ThreadPool
 
-    from dropr.client._spool import Spool
+    storage = spool.storage
+    pool = ThreadPool(minthreads=0, maxthreads=1, name="dropr-put")
 
-    template = spool.storage
-    pool = ThreadPool(minthreads=0, maxthreads=writers, name="dropr-put")
-    local = threading.local()
-    opened: list[Spool] = []
-    lock = threading.Lock()
+    def room(count: int, nbytes: int) -> None:
+        # The spool's limits count what memory holds too: it is the spool's.
+        held, held_bytes = front.known_usage()
+        check_room(
+            held + count, held_bytes + nbytes, storage.max_messages, storage.max_bytes, spool.path
+        )
 
-    def add(destination: str, messages: list[Message]) -> object:
-        mine = getattr(local, "spool", None)
-        if mine is None:
-            mine = local.spool = Spool(
-                spool.path,
-                max_bytes=template.max_bytes,
-                max_messages=template.max_messages,
-                max_payload=template.max_payload,
-                put_socket=False,
-            )
-            with lock:
-                opened.append(mine)
-        return mine.storage.add(destination, messages)
+    def written(messages: list[Message], segment: object) -> None:
+        assert isinstance(segment, Segment)
+        wake(front.offer(messages, segment))
 
-    def run(f: Callable[[], Outcome]) -> Deferred[Outcome]:
-        return deferToThreadPool(reactor, pool, f)
-
-    def stopped() -> None:
-        pool.stop()
-        with lock:
-            for mine in opened:
-                mine.close()
-
-    service = PutSocketService(
-        spool.path, add, run, reactor, wake, template.max_payload, max_writers=writers
-    )
+    commit = GroupCommit(log.append, SyncRunner(reactor, pool), reactor, written, room=room)
+    service = PutSocketService(spool.path, commit, reactor, storage.max_payload)
     service.on_start = pool.start
-    service.on_stopped = stopped
+    service.on_stopped = pool.stop
     return service
+
+
+def check_room(
+    count: int, nbytes: int, max_messages: int | None, max_bytes: int | None, path: str
+) -> None:
+    """Raise :class:`StorageFull` when ``count`` messages of ``nbytes`` exceed the limits."""
+    if max_messages is not None and count > max_messages:
+        raise StorageFull(
+            f"spool {path} is full ({max_messages} messages waiting); retry once "
+            "dropr-client has delivered some, or raise its limit"
+        )
+    if max_bytes is not None and nbytes > max_bytes:
+        raise StorageFull(
+            f"spool {path} is full ({max_bytes} payload bytes waiting); retry once "
+            "dropr-client has delivered some, or raise its limit"
+        )

@@ -2,7 +2,8 @@
 
 A sender takes a batch from its destination's queue, posts it, acks what the
 server stored, fails what it refused for good (with the reason) and gives
-back the rest.  One batch is in flight per destination, which keeps the
+back the rest.  Up to ``max_in_flight`` batches are in flight per
+destination, never two with messages of the same channel, which keeps the
 order of a channel across batches.  When the destination cannot be reached
 the sender backs off exponentially, with jitter, and other destinations are
 not held up: each has its own sender.
@@ -21,7 +22,7 @@ import errno
 import random as _random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -33,6 +34,10 @@ from dropr._message import Message
 from dropr.client import _sendpolicy as policy
 from dropr.client._transport import BatchTooLarge
 from dropr.interfaces import ISpoolStorage, ITransport, SendResult
+from dropr.wire import WireBatch
+
+#: Taken messages: objects, or records ready for the wire (``take_wire``).
+Batch = list[Message] | WireBatch
 
 #: Runs a spool operation off the reactor thread: ``run(f, *args)`` → Deferred.
 DiskRunner = Callable[..., "Deferred[Any]"]
@@ -50,6 +55,28 @@ def thread_pool_runner(reactor: Any, pool: ThreadPool) -> DiskRunner:
 def run_now(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """A ``DiskRunner`` that runs at once, in the caller's thread: for tests on fakes."""
     return maybeDeferred(f, *args)
+
+
+class _Outcome(NamedTuple):
+    """How a batch in flight ended: "sent", "again" or "backoff" (with why)."""
+
+    step: str
+    reason: str = ""
+
+
+_SENT = _Outcome("sent")
+_RANK = {"sent": 0, "again": 1, "backoff": 2}
+
+
+def _worse(a: _Outcome, b: _Outcome) -> _Outcome:
+    return b if _RANK[b.step] > _RANK[a.step] else a
+
+
+class _Flight(NamedTuple):
+    """A batch on the wire: its outcome to come, and the channels it holds."""
+
+    outcome: Deferred[_Outcome]
+    channels: set[str]
 
 
 class DestinationSender:
@@ -73,6 +100,7 @@ class DestinationSender:
         clock: Callable[[], float] = time.time,
         random: Callable[[], float] = _random.random,
         on_batch: Callable[[DestinationSender, int, int, int], None] | None = None,
+        max_in_flight: int = 2,
     ) -> None:
         self.spool = spool
         self.destination = destination
@@ -87,6 +115,8 @@ class DestinationSender:
         self._clock = clock
         self._random = random
         self.on_batch = on_batch
+        #: Batches on the wire at once, at most (of distinct channels).
+        self.max_in_flight = max(1, max_in_flight)
         #: "idle", "running" or "backoff"
         self.state = "idle"
         self.failures = 0
@@ -99,10 +129,15 @@ class DestinationSender:
         self._again = False
         self._stopping = False
         self._run_d: Deferred[None] | None = None
-        self._send_d: Deferred[Any] | None = None
+        #: The sends on the wire now (cancelled when ``stop`` runs out of grace).
+        self._sends: set[Deferred[Any]] = set()
         self._retry: IDelayedCall | None = None
         #: Messages this sender took and has not yet acked, failed or released.
         self._held: dict[str, Message] = {}
+        #: The same for batches taken as records (``take_wire``), whole.
+        self._held_wire: list[WireBatch] = []
+        #: The spool hands out batches as records ready for the wire.
+        self._take_wire = getattr(spool, "take_wire", None)
 
     def wake(self, force: bool = False) -> None:
         """Send what waits now; ``force`` also cuts a backoff short."""
@@ -121,35 +156,25 @@ class DestinationSender:
         self._run_d = ensureDeferred(self._run())
 
     async def _run(self) -> None:
+        flights: list[_Flight] = []
         try:
-            if self._held:
+            if self._held or self._held_wire:
                 # A round that ended in an error (a full spool disk, say)
                 # left messages leased to this sender; as the spool's only
                 # taker it would skip them and send later ones first.
-                await self._settle(self.spool.release, list(self._held.values()))
-            batch = await self._take()
-            while batch and not self._stopping:
-                batch = await self._prepare(batch)
-                if not batch:
-                    batch = await self._take()
-                    continue
-                # Take the next batch on the disk thread while this one is on
-                # the wire; it is given back if this one has to be sent again,
-                # so that order holds.
-                prefetch = self._take()
-                outcome = await self._deliver(batch)
-                following: list[Message] = await prefetch
-                if outcome != "sent":
-                    if following:
-                        await self._settle(self.spool.release, following)
-                    if outcome == "backoff":
-                        return
-                    following = await self._take()
-                batch = following
+                for held in list(self._held_wire):
+                    await self._settle(self.spool.release, held)
+                if self._held:
+                    await self._settle(self.spool.release, list(self._held.values()))
+            outcome = await self._send_all(flights)
+            if outcome.step == "backoff" and not self._stopping:
+                self._back_off(outcome.reason)
+                return
             self.state = "idle"
             if self._again and not self._stopping:
                 self.wake()
         except OSError as e:
+            await self._land_all(flights)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 self.log.failure("sender for {destination} failed", destination=self.destination)
                 self._back_off(f"internal error: {e}")
@@ -158,31 +183,107 @@ class DestinationSender:
                 # its lease: expected, not a bug; one line, then back off.
                 self._back_off(f"the spool's disk is full ({e.strerror})")
         except Exception as e:  # never let a sender die; retry later
+            await self._land_all(flights)
             self.log.failure("sender for {destination} failed", destination=self.destination)
             self._back_off(f"internal error: {e}")
 
-    def _take(self) -> Deferred[list[Message]]:
+    async def _send_all(self, flights: list[_Flight]) -> _Outcome:
+        """Send batches until the queue is empty, one is refused, or the sender stops.
+
+        Up to ``max_in_flight`` batches are on the wire at once, as long as
+        no two of them hold messages of the same channel: the server stores
+        concurrent requests in any order, and order is promised per channel
+        only.  A batch that shares a channel with one in flight waits for
+        it.  When a batch is not wholly settled (some to send again, or a
+        failed attempt), the batches taken after it that are not yet sent
+        are given back, so that its messages go again before them.
+        """
+        batch = await self._take()
+        while not self._stopping:
+            if batch:
+                batch = await self._prepare(batch)
+            if not batch:
+                if not flights:
+                    return _SENT
+                # Nothing more for now: the answers may give messages back.
+                landed = await self._land_all(flights)
+                if landed.step == "backoff":
+                    return landed
+                batch = await self._take()
+                continue
+            channels = (
+                batch.channels if isinstance(batch, WireBatch) else {m.channel for m in batch}
+            )
+            landed = _SENT
+            while flights and (
+                len(flights) >= self.max_in_flight
+                or any(not channels.isdisjoint(f.channels) for f in flights)
+            ):
+                landed = await self._land(flights.pop(0))
+                if landed.step != "sent":
+                    break
+            if landed.step != "sent":
+                worst = _worse(landed, await self._land_all(flights))
+                await self._settle(self.spool.release, batch)
+                if worst.step == "backoff":
+                    return worst
+                batch = await self._take()
+                continue
+            flights.append(_Flight(ensureDeferred(self._deliver(batch)), channels))
+            # Take the next batch on the disk thread while this one is on the wire.
+            batch = await self._take()
+        if batch:
+            await self._settle(self.spool.release, batch)
+        return await self._land_all(flights)
+
+    async def _land(self, flight: _Flight) -> _Outcome:
+        """Wait for the answer of one batch in flight."""
+        return await flight.outcome
+
+    async def _land_all(self, flights: list[_Flight]) -> _Outcome:
+        """Wait for every batch in flight; the worst of their outcomes."""
+        worst = _SENT
+        while flights:
+            worst = _worse(worst, await self._land(flights.pop(0)))
+        return worst
+
+    def _take(self) -> Deferred[Batch]:
         self._again = False
-        d: Deferred[list[Message]] = self._disk(self.spool.take, self.destination, self.max_batch)
+        d: Deferred[Batch]
+        if self._take_wire is not None:
+            # Records ready for the wire: no object per message on the way.
+            d = self._disk(self._take_wire, self.destination, self.max_batch, self.max_batch_bytes)
+        else:
+            d = self._disk(self.spool.take, self.destination, self.max_batch)
         return d.addCallback(self._hold)
 
-    def _hold(self, messages: list[Message]) -> list[Message]:
+    def _hold(self, messages: Batch) -> Batch:
+        if isinstance(messages, WireBatch):
+            if messages.ids:
+                self._held_wire.append(messages)
+            return messages
         for m in messages:
             self._held[m.id] = m
         return messages
 
-    async def _settle(self, op: Callable[..., None], messages: list[Message], *args: Any) -> None:
-        """Ack, fail or release ``messages`` on the disk thread, and wait."""
-        await self._disk(op, messages, *args)
+    def _unhold(self, messages: Batch) -> None:
+        if isinstance(messages, WireBatch):
+            if messages in self._held_wire:
+                self._held_wire.remove(messages)
+            return
         for m in messages:
             self._held.pop(m.id, None)
 
-    def _settle_later(self, op: Callable[..., None], messages: list[Message], *args: Any) -> None:
+    async def _settle(self, op: Callable[..., None], messages: Batch, *args: Any) -> None:
+        """Ack, fail or release ``messages`` on the disk thread, and wait."""
+        await self._disk(op, messages, *args)
+        self._unhold(messages)
+
+    def _settle_later(self, op: Callable[..., None], messages: Batch, *args: Any) -> None:
         """The same, without waiting: queued on the one disk thread, it runs
         before any later take.  Should it fail, the messages count as held
         again and are released before the next round."""
-        for m in messages:
-            self._held.pop(m.id, None)
+        self._unhold(messages)
         d = self._disk(op, messages, *args)
 
         def failed(failure: Any) -> None:
@@ -196,8 +297,15 @@ class DestinationSender:
 
         d.addErrback(failed)
 
-    async def _prepare(self, batch: list[Message]) -> list[Message]:
+    async def _prepare(self, batch: Batch) -> Batch:
         """Fail what is too old and keep the batch within the byte limit."""
+        if isinstance(batch, WireBatch):
+            if not batch.ids or not policy.any_too_old(batch.ids, self._clock(), self.max_age):
+                return batch  # take_wire kept it within the byte limit
+            # Rare: go the way of message objects.
+            messages = await self._disk(batch.messages)
+            self._unhold(batch)
+            batch = self._hold(messages)
         batch, too_old = policy.split_too_old(batch, self._clock(), self.max_age)
         if too_old:
             reason = policy.too_old_reason(self.destination, self.max_age)
@@ -208,23 +316,37 @@ class DestinationSender:
             await self._settle(self.spool.release, give_back)
         return batch
 
-    async def _deliver(self, batch: list[Message]) -> str:
-        """Send one batch: "sent", "again" (send anew at once) or "backoff"."""
+    async def _deliver(self, batch: Batch) -> _Outcome:
+        """Send one batch: "sent", "again" (send anew at once) or "backoff".
+
+        Never raises: a batch that could not be sent is given back.
+        """
         started = self.reactor.seconds()
+        send_d = self.transport.send(self.destination, batch)
+        self._sends.add(send_d)
         try:
-            self._send_d = self.transport.send(self.destination, batch)
-            results: Sequence[SendResult] = await self._send_d
+            results: Sequence[SendResult] = await send_d
         except BatchTooLarge as e:
-            await self._too_large(batch, str(e))
-            return "again"
+            try:
+                await self._too_large(batch, str(e))
+            except Exception as e2:
+                return _Outcome("backoff", f"internal error: {e2}")
+            return _Outcome("again")
         except Exception as e:
-            await self._settle(self.spool.release, batch)
+            try:
+                await self._settle(self.spool.release, batch)
+            except Exception as e2:
+                self.log.warn(
+                    "could not give back {count} messages for {destination}: {error}",
+                    count=len(batch),
+                    destination=self.destination,
+                    error=str(e2),
+                )
             if self._stopping:
-                return "backoff"  # cancelled by stop(): no retry to announce
-            self._back_off(f"{type(e).__name__}: {e}")
-            return "backoff"
+                return _Outcome("backoff", "stopping")  # cancelled by stop()
+            return _Outcome("backoff", f"{type(e).__name__}: {e}")
         finally:
-            self._send_d = None
+            self._sends.discard(send_d)
         answer = policy.sort_answer(batch, results)
         # Queued on the one disk thread, these run before any later take.
         if answer.stored:
@@ -234,7 +356,9 @@ class DestinationSender:
         if answer.retry:
             self._settle_later(self.spool.release, answer.retry)
         self.sent += len(batch)
-        self.sent_bytes += sum(len(m.payload) for m in batch)
+        self.sent_bytes += (
+            batch.nbytes if isinstance(batch, WireBatch) else sum([len(m.payload) for m in batch])
+        )
         self.stored += len(answer.stored)
         self.failed += answer.failed
         if answer.stored or answer.failed:
@@ -251,17 +375,17 @@ class DestinationSender:
             failed=answer.failed,
             retry=len(answer.retry),
             ms=self.last_batch_seconds * 1000,
-            ids=[m.id for m in batch],
+            ids=batch.ids if isinstance(batch, WireBatch) else [m.id for m in batch],
             failed_ids={reason: [m.id for m in group] for reason, group in answer.refused.items()},
         )
         if self.on_batch is not None:
             self.on_batch(self, len(answer.stored), answer.failed, len(answer.retry))
         step = policy.next_step(answer)
         if step is policy.Next.BACKOFF:
-            self._back_off("the server stored none of the batch")
-        return step.value
+            return _Outcome("backoff", "the server stored none of the batch")
+        return _Outcome(step.value)
 
-    async def _too_large(self, batch: list[Message], reason: str) -> None:
+    async def _too_large(self, batch: Batch, reason: str) -> None:
         if len(batch) > 1:
             self.max_batch = policy.smaller_batch(len(batch))
             self.log.warn(
@@ -321,5 +445,5 @@ class DestinationSender:
         return d
 
     def _cancel_send(self) -> None:
-        if self._send_d is not None:
-            self._send_d.cancel()
+        for d in list(self._sends):
+            d.cancel()

@@ -10,17 +10,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from dropr._ids import id_time
 from dropr._message import Message
 from dropr.interfaces import SendResult
+from dropr.wire import AnswerResults, WireBatch
 
 
 def split_too_old(
     batch: Sequence[Message], now: float, max_age: float
 ) -> tuple[list[Message], list[Message]]:
     """``(fresh, too_old)``: messages put more than ``max_age`` seconds before ``now`` fail."""
+    if not batch:
+        return [], []
+    # Ids sort by time: when the oldest is young enough, all are, and no id
+    # needs its time parsed.
+    if now - id_time(min(m.id for m in batch)) <= max_age:
+        return list(batch), []
     fresh = [m for m in batch if now - m.created <= max_age]
     too_old = [m for m in batch if now - m.created > max_age]
     return fresh, too_old
+
+
+def any_too_old(ids: Sequence[str], now: float, max_age: float) -> bool:
+    """True if an id of ``ids`` was made more than ``max_age`` seconds before ``now``."""
+    return bool(ids) and now - id_time(min(ids)) > max_age
 
 
 def too_old_reason(destination: str, max_age: float) -> str:
@@ -47,7 +60,7 @@ class Answer:
     """A server's answer to a batch, sorted by what the sender does next."""
 
     #: Durable at the server: ack them.
-    stored: list[Message] = field(default_factory=list)
+    stored: list[Message] | WireBatch = field(default_factory=list)
     #: Refused for good, by reason: fail them with it.
     refused: dict[str, list[Message]] = field(default_factory=dict)
     #: Refused for now, or not answered at all: release them to send again.
@@ -64,12 +77,18 @@ def sort_answer(batch: Sequence[Message], results: Sequence[SendResult]) -> Answ
     A message the answer does not name is sent again: only a "stored" lets
     a message go, and a failure needs a reason from the server.
     """
+    if isinstance(results, AnswerResults) and results.all_stored:
+        ids = batch.ids if isinstance(batch, WireBatch) else [m.id for m in batch]
+        if results.ids == ids:
+            # A wire batch stays one: its storage acks it without objects.
+            return Answer(stored=batch if isinstance(batch, WireBatch) else list(batch))
     by_id = {r.id: r for r in results}
-    answer = Answer()
+    stored: list[Message] = []
+    answer = Answer(stored=stored)
     for m in batch:
         r = by_id.get(m.id)
         if r is not None and r.stored:
-            answer.stored.append(m)
+            stored.append(m)
         elif r is not None and r.permanent:
             answer.refused.setdefault(r.reason, []).append(m)
         else:

@@ -18,6 +18,7 @@ from dropr._message import (
     DEFAULT_PRIORITY,
     Message,
     coerce_payload,
+    make_message,
     validate_channel,
     validate_destination,
     validate_priority,
@@ -202,8 +203,10 @@ class Spool:
         if not data:
             return []
         ids = new_ids(len(data))
+        # Every field was checked above: no dataclass __init__ per message.
         messages = [
-            Message(i, d, channel, priority, destination) for i, d in zip(ids, data, strict=True)
+            make_message(i, d, channel, priority, destination, None)
+            for i, d in zip(ids, data, strict=True)
         ]
         self._add(destination, messages, block)
         poke(self.path)

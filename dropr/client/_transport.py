@@ -106,7 +106,7 @@ class HTTPTransport:
         code = response.code
         if code == 200:
             try:
-                results: list[SendResult] = decode_answer(body, messages)
+                results: Sequence[SendResult] = decode_answer(body, messages)
             except WireError as e:
                 raise DestinationUnavailable(str(e)) from e
             return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service, strports
@@ -14,7 +15,9 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from dropr._message import validate_destination
+from dropr.client._front import FrontedSpool
 from dropr.client._notifier import FifoNotifier
+from dropr.client._putlog import PutLog, recover
 from dropr.client._putsocket import put_socket_for
 from dropr.client._sender import DestinationSender, DiskRunner, thread_pool_runner
 from dropr.client._spool import Spool, default_spool_path
@@ -23,7 +26,7 @@ from dropr.daemon import logs as logs
 from dropr.daemon._auth import CredentialsError, check_not_world_writable, load_client_credentials
 from dropr.daemon._options import log_format, size
 from dropr.daemon._tls import TLSConfigError, client_policy
-from dropr.errors import InvalidMessage, StorageLocked
+from dropr.errors import DroprError, InvalidMessage, StorageLocked
 from dropr.interfaces import ISpoolStorage, ITransport
 from dropr.monitoring._metrics import ClientMetrics, StatsReader
 from dropr.monitoring._statuspage import client_site
@@ -88,8 +91,12 @@ class ClientService(service.MultiService):
     def __init__(self, spool: Spool, transport: ITransport, reactor: Any, options: Any) -> None:
         super().__init__()
         self.spool = spool
+        #: Puts through the socket are durable here first, then held in
+        #: memory in front of the spool for their senders.
+        self.putlog = PutLog(spool.path)
+        self.front = FrontedSpool(spool.storage, self.putlog)
         #: What the senders and rescans use of the spool: its interface only.
-        self.storage: ISpoolStorage = spool.storage
+        self.storage: ISpoolStorage = self.front
         self.transport = transport
         self.reactor = reactor
         self.options = options
@@ -102,12 +109,17 @@ class ClientService(service.MultiService):
         self._rescan.clock = reactor
         self._bad_queues: set[str] = set()
         # Single puts through <spool>/put.sock, written in groups, one sync each.
-        self.put_socket = put_socket_for(spool, reactor, self.wake_destinations)
-        self.put_socket.setServiceParent(self)
+        # A child once the put log is ready (see _open_put_log).
+        self.put_socket = put_socket_for(
+            spool, self.front, self.putlog, reactor, self.wake_destinations
+        )
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        # Before the socket accepts anything or a sender runs: what a crash
+        # left in the put log goes into the spool, ahead of anything new.
+        self._open_put_log()
         self.notifier = FifoNotifier(self.spool.path, self.wake_all, self.reactor)
         self.notifier.startReading()
         self._rescan.start(self.options["rescan"], now=True)
@@ -117,12 +129,51 @@ class ClientService(service.MultiService):
         logs.attach(parent, self.log_observer)
         return super().setServiceParent(parent)
 
+    def put_figures(self) -> dict[str, int]:
+        """The put socket's counters and what memory holds, for the metrics."""
+        held, held_bytes = self.front.held()
+        commit = self.put_socket.commit
+        return {
+            "puts": commit.stored,
+            "writes": commit.batches,
+            "held_messages": held,
+            "held_bytes": held_bytes,
+        }
+
+    def _open_put_log(self) -> bool:
+        """Move what the put log holds into the spool, open it and the put socket.
+
+        Until this succeeds (a full spool disk, say) the socket stays shut:
+        producers write their own batch files, and no put can overtake the
+        ones still in the log.  The rescan tries again.
+        """
+        if self.put_socket.parent is not None:
+            return True
+        try:
+            moved = recover(self.spool.path, self.front.file_in_order)
+            self.putlog.open()
+        except (DroprError, OSError) as e:
+            self.log.warn(
+                "cannot open the put log of {spool} yet ({error}); producers write "
+                "their own batches meanwhile, and the next rescan tries again",
+                spool=self.spool.path,
+                error=str(e),
+            )
+            return False
+        if moved:
+            self.log.info("moved {count} puts from the put log into the spool", count=moved)
+        self.put_socket.setServiceParent(self)
+        return True
+
     def _rescan_safely(self) -> None:
+        if self.running:
+            self._open_put_log()  # if it could not be opened before
         # A LoopingCall stops for good on an error: never let one escape.
         try:
             self.wake_all(force=False)
         except Exception:
             self.log.failure("rescan of {spool} failed", spool=self.spool.path)
+        self._spill(lambda sender: sender is None or sender.state == "backoff")
         # Keep the spool's usage figures fresh for producers (their limit
         # checks read them instead of walking the spool themselves).
         d = self.run_on_disk(self.storage.count_usage)
@@ -148,12 +199,36 @@ class ClientService(service.MultiService):
 
     def wake_destinations(self, destinations: list[str]) -> None:
         """Wake the senders of ``destinations`` (made if new): the put
-        socket just wrote a batch for them."""
+        socket just handed them messages."""
         for destination in destinations:
             sender = self.senders.get(destination)
             if sender is None:
                 sender = self.senders[destination] = self._sender(destination)
             sender.wake()
+        if self.front.over_limit():
+            self._spill(lambda sender: True)
+        else:
+            # A sender that backs off leaves them waiting: they belong in
+            # the spool, where they show and count.
+            self._spill(lambda sender: sender is not None and sender.state == "backoff")
+
+    def _spill(self, which: Callable[[DestinationSender | None], bool]) -> None:
+        """Move what waits in memory for the destinations ``which`` picks into the spool.
+
+        Messages a sender cannot deliver now, or too many held at once,
+        belong in the spool: there they count, show and wait on disk.
+        """
+        for destination in self.front.waiting_destinations():
+            if which(self.senders.get(destination)):
+                d = self.run_on_disk(self.front.spill, destination)
+                d.addErrback(self._spill_failed, destination)
+
+    def _spill_failed(self, failure: Any, destination: str) -> None:
+        self.log.warn(
+            "could not move puts for {to} into the spool ({error}); they stay in the put log",
+            to=destination,
+            error=str(failure.value),
+        )
 
     def _sender(self, destination: str) -> DestinationSender:
         o = self.options
@@ -178,15 +253,25 @@ class ClientService(service.MultiService):
             self._rescan.stop()
         d = DeferredList([children, *(s.stop() for s in self.senders.values())])
 
+        def spill(_: object) -> Any:
+            # What the senders did not deliver waits on disk in the spool;
+            # the put log is then empty and removed.
+            return self.run_on_disk(self.front.spill_all).addErrback(
+                lambda f: self.log.warn(
+                    "puts stay in the put log until the next start ({error})", error=str(f.value)
+                )
+            )
+
         def finish(_: object) -> Any:
             self.pool.stop()
+            self.putlog.close()
             self.spool.close()
             if self.stats_reader is not None:
                 self.stats_reader.close()
             self.log.info("dropr-client stopped")
             return self.transport.close()
 
-        return d.addBoth(finish)
+        return d.addBoth(spill).addBoth(finish)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.IService:
@@ -217,7 +302,9 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
     )
     client = ClientService(spool, transport, reactor, options)
     client.stats_reader = StatsReader(path)
-    client.metrics = ClientMetrics(lambda: client.senders, client.stats_reader)
+    client.metrics = ClientMetrics(
+        lambda: client.senders, client.stats_reader, put_figures=client.put_figures
+    )
     client.log_observer = logs.observer_for(options["log-format"], getattr(options, "parent", None))
     if options["metrics"]:
         site = client_site(client.metrics, reactor)

@@ -565,11 +565,50 @@ class SenderCollector:
         yield failures
 
 
+class PutSocketCollector:
+    """The put socket's figures, read from the daemon at scrape time.
+
+    :param figures: returns ``{"puts": n, "writes": n, "held_messages": n,
+        "held_bytes": n}``.
+    """
+
+    _FAMILIES = (
+        ("puts", "dropr_client_put_socket_puts", "Puts made durable through the put socket."),
+        ("writes", "dropr_client_put_socket_writes", "Synced writes of the put log (groups)."),
+    )
+
+    def __init__(self, figures: Callable[[], Mapping[str, int]]) -> None:
+        self.figures = figures
+
+    def describe(self) -> Iterator[Metric]:
+        for _key, name, doc in self._FAMILIES:
+            yield CounterMetricFamily(name, doc)
+        yield GaugeMetricFamily("dropr_client_held_messages", "")
+        yield GaugeMetricFamily("dropr_client_held_bytes", "")
+
+    def collect(self) -> Iterator[Metric]:
+        figures = dict(self.figures())
+        for key, name, doc in self._FAMILIES:
+            yield CounterMetricFamily(name, doc, value=float(figures.get(key, 0)))
+        yield GaugeMetricFamily(
+            "dropr_client_held_messages",
+            "Puts answered from the put log and held in memory for their sender.",
+            value=float(figures.get("held_messages", 0)),
+        )
+        yield GaugeMetricFamily(
+            "dropr_client_held_bytes",
+            "Payload bytes of those puts.",
+            value=float(figures.get("held_bytes", 0)),
+        )
+
+
 class ClientMetrics(_Daemon):
     """The counters of a dropr-client.
 
     :param senders: returns the client's senders by destination.
     :param stats: returns ``stats()`` of the spool (read at scrape time).
+    :param put_figures: returns the put socket's figures (see
+        :class:`PutSocketCollector`).
     """
 
     SERIES = ("sent", "stored", "failed", "retry")
@@ -580,10 +619,14 @@ class ClientMetrics(_Daemon):
         stats: StatsFunc | None = None,
         stats_ttl: float = 5.0,
         clock: Callable[[], float] = time.time,
+        put_figures: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         super().__init__("dropr-client", stats, stats_ttl, "dropr_spool", "destination", clock)
         self.senders = senders
+        self.put_figures = put_figures
         self.registry.register(SenderCollector(senders))
+        if put_figures is not None:
+            self.registry.register(PutSocketCollector(put_figures))
         self.batch_seconds = Histogram(
             "dropr_client_batch_seconds",
             "Seconds from sending a batch to its answer.",
@@ -623,5 +666,7 @@ class ClientMetrics(_Daemon):
             for key in ("sent", "stored", "failed", "sent_bytes", "send_errors")
         }
         data["destinations_total"] = data.pop("queues_total")
+        if self.put_figures is not None:
+            data["put_socket"] = dict(self.put_figures())
         data["rates"] = self.rates.snapshot(self.SERIES)
         return data

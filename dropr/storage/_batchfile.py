@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dropr._message import SETTERS as _SETTERS
 from dropr._message import Message
 from dropr.errors import DroprError
 
@@ -48,6 +49,11 @@ FRAME = struct.Struct(">I")
 HEAD = struct.Struct(">16sBBH")
 _FRAME = FRAME
 _HEAD = HEAD
+_HEAD_SIZE = HEAD.size
+#: A record's length and the head of its body, read in one call.
+_RECORD = struct.Struct(">I16sBBH")
+#: Marks a name not yet looked up.
+_UNKNOWN: Any = object()
 #: Largest record body accepted on read (payload limit plus headroom).
 MAX_BODY = 256 * 1024 * 1024
 #: The largest payload a record can hold and be read back: the body limit
@@ -88,11 +94,19 @@ def encode(messages: Sequence[Message], destinations: bool = True) -> list[bytes
     pack_head = _HEAD.pack
     pack_frame = _FRAME.pack
     crc32 = zlib.crc32
+    fromhex = bytes.fromhex
+    # (channel, destination) → the encoded names and their lengths: a batch
+    # names few of them, and encoding each per record was a good part of
+    # the cost.
+    names: dict[tuple[str, str | None], tuple[bytes, int, int]] = {}
     for m in messages:
-        channel = m.channel.encode("ascii")
-        destination = (m.destination or "").encode("ascii") if destinations else b""
-        head = pack_head(bytes.fromhex(m.id), m.priority, len(channel), len(destination))
-        body = b"".join((head, channel, destination, m.payload))
+        key = (m.channel, m.destination if destinations else None)
+        known = names.get(key)
+        if known is None:
+            channel = m.channel.encode("ascii")
+            destination = (key[1] or "").encode("ascii")
+            known = names[key] = (channel + destination, len(channel), len(destination))
+        body = pack_head(fromhex(m.id), m.priority, known[1], known[2]) + known[0] + m.payload
         append(pack_frame(len(body)))
         append(body)
         append(pack_frame(crc32(body)))
@@ -144,11 +158,16 @@ class Decoded:
     error: str = ""
 
 
-def decode(data: bytes, receipt: Callable[[int], object] | None = None) -> Decoded:
+def decode(
+    data: bytes,
+    receipt: Callable[[int], object] | None = None,
+    receipts: Sequence[object] | None = None,
+) -> Decoded:
     """Read the messages of a batch file's bytes, stopping at the first damage.
 
     ``receipt``, when given, makes the ``receipt`` of the message at each
-    index, so a storage builds each message object once.
+    index, so a storage builds each message object once; ``receipts`` gives
+    them ready made, by index (those past its end get None).
     """
     if not data.startswith(MAGIC):
         return Decoded([], "not a dropr batch file (bad magic)")
@@ -156,44 +175,151 @@ def decode(data: bytes, receipt: Callable[[int], object] | None = None) -> Decod
     append = messages.append
     pos = len(MAGIC)
     end = len(data)
-    unpack_head = _HEAD.unpack_from
+    view = memoryview(data)
+    unpack_record = _RECORD.unpack_from
+    unpack_frame = _FRAME.unpack_from
+    crc32 = zlib.crc32
+    new = object.__new__
+    set_id, set_payload, set_channel, set_priority, set_destination, set_receipt = _SETTERS
     names: dict[bytes, str | None] = {b"": None}
-    head_size = _HEAD.size
+    # A record needs its frame, head and CRC: 28 bytes at least.
+    last_start = end - (4 + _HEAD.size + 4)
     index = 0
+    marks: Sequence[object] = ()
+    if receipts is not None:
+        marks = receipts
+    given = len(marks)
     while pos < end:
-        try:
-            body_start, body_end = frame_at(data, pos, end, MAX_BODY)
-        except FrameError as e:
-            return Decoded(messages, _DAMAGE[e.kind].format(pos=pos, length=e.length))
-        raw_id, priority, clen, dlen = unpack_head(data, body_start)
-        p = body_start + head_size
-        if p + clen + dlen > body_end:
+        # The fast path checks what frame_at checks; any doubt goes to
+        # frame_at, which names the damage.
+        if pos > last_start:
+            return _damaged(data, pos, end, messages)
+        length, raw_id, priority, clen, dlen = unpack_record(data, pos)
+        body_start = pos + 4
+        body_end = body_start + length
+        if (
+            length < _HEAD_SIZE
+            or length > MAX_BODY
+            or body_end + 4 > end
+            or crc32(view[body_start:body_end]) != unpack_frame(data, body_end)[0]
+        ):
+            return _damaged(data, pos, end, messages)
+        p = body_start + _HEAD_SIZE
+        q = p + clen
+        r = q + dlen
+        if r > body_end:
             return Decoded(messages, f"field lengths exceed record at byte {pos}")
-        raw_channel = data[p : p + clen]
-        raw_destination = data[p + clen : p + clen + dlen]
-        try:
-            channel = names[raw_channel]
-        except KeyError:
-            channel = names[raw_channel] = _ascii(raw_channel)
-        try:
-            destination = names[raw_destination]
-        except KeyError:
-            destination = names[raw_destination] = _ascii(raw_destination)
-        if channel is None or (dlen and destination is None):
+        channel = names.get(data[p:q], _UNKNOWN)
+        if channel is _UNKNOWN:
+            channel = names[data[p:q]] = _ascii(data[p:q])
+        if channel is None:
             return Decoded(messages, f"non-ASCII name in record at byte {pos}")
-        append(
-            Message(
-                raw_id.hex(),
-                data[p + clen + dlen : body_end],
-                channel,
-                priority,
-                destination,
-                receipt(index) if receipt is not None else None,
-            )
-        )
+        destination: str | None = None
+        if dlen:
+            destination = names.get(data[q:r], _UNKNOWN)
+            if destination is _UNKNOWN:
+                destination = names[data[q:r]] = _ascii(data[q:r])
+            if destination is None:
+                return Decoded(messages, f"non-ASCII name in record at byte {pos}")
+        if index < given:
+            mark = marks[index]
+        elif receipt is not None:
+            mark = receipt(index)
+        else:
+            mark = None
+        # make_message, inline: this loop runs once per message read.
+        m = new(Message)
+        set_id(m, raw_id.hex())
+        set_payload(m, data[r:body_end])
+        set_channel(m, channel)
+        set_priority(m, priority)
+        set_destination(m, destination)
+        set_receipt(m, mark)
+        append(m)
         index += 1
         pos = body_end + 4
     return Decoded(messages)
+
+
+def _damaged(data: bytes, pos: int, end: int, messages: list[Message]) -> Decoded:
+    """The ``Decoded`` of a file whose record at ``pos`` failed the fast checks."""
+    try:
+        frame_at(data, pos, end, MAX_BODY)
+    except FrameError as e:
+        return Decoded(messages, _DAMAGE[e.kind].format(pos=pos, length=e.length))
+    raise AssertionError(f"record at byte {pos} failed a check frame_at passes")
+
+
+@dataclass(slots=True)
+class WireRecords:
+    """The records of a batch file as a request body carries them, one entry per record."""
+
+    #: Each record framed for the wire: the file's own bytes when its
+    #: destination is empty, else rewritten without it.
+    records: list[bytes]
+    ids: list[str]
+    #: Payload bytes of each record.
+    sizes: list[int]
+    #: The channels the records name.
+    channels: set[str]
+
+
+def wire_records(data: bytes, count: int) -> WireRecords | None:
+    """The first ``count`` records of a batch file, ready to be sent; None if damaged.
+
+    Every record's CRC is checked, as ``decode`` checks it; a file that is
+    damaged or holds fewer records is for ``decode`` to report (and a
+    storage to quarantine).  A spool's records name their destination,
+    which the wire leaves empty: such a record is rewritten without it (a
+    new head and CRC); a record without one is sent as it is.
+    """
+    if not data.startswith(MAGIC):
+        return None
+    records: list[bytes] = []
+    ids: list[str] = []
+    sizes: list[int] = []
+    raw_channels: set[bytes] = set()
+    add_record, add_id, add_size = records.append, ids.append, sizes.append
+    add_channel = raw_channels.add
+    pos = len(MAGIC)
+    end = len(data)
+    view = memoryview(data)
+    unpack_record = _RECORD.unpack_from
+    unpack_frame = _FRAME.unpack_from
+    pack_frame = _FRAME.pack
+    pack_head = _HEAD.pack
+    crc32 = zlib.crc32
+    last_start = end - (4 + _HEAD.size + 4)
+    with view:
+        for _ in range(count):
+            if pos > last_start:
+                return None
+            length, raw_id, priority, clen, dlen = unpack_record(data, pos)
+            body_start = pos + 4
+            body_end = body_start + length
+            p = body_start + _HEAD_SIZE
+            r = p + clen + dlen
+            if (
+                length < _HEAD.size
+                or length > MAX_BODY
+                or body_end + 4 > end
+                or r > body_end
+                or crc32(view[body_start:body_end]) != unpack_frame(data, body_end)[0]
+            ):
+                return None
+            add_id(raw_id.hex())
+            add_size(body_end - r)
+            add_channel(data[p : p + clen])
+            if dlen:
+                body = pack_head(raw_id, priority, clen, 0) + data[p : p + clen] + data[r:body_end]
+                add_record(pack_frame(len(body)) + body + pack_frame(crc32(body)))
+            else:
+                add_record(data[pos : body_end + 4])
+            pos = body_end + 4
+    channels = {_ascii(c) for c in raw_channels}
+    if None in channels:
+        return None
+    return WireRecords(records, ids, sizes, channels)  # type: ignore[arg-type]
 
 
 _DAMAGE = {

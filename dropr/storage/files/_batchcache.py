@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from operator import attrgetter
 
 from dropr._message import Message
 
@@ -17,8 +18,16 @@ from dropr._message import Message
 MESSAGE_OVERHEAD = 400
 
 
+_payload = attrgetter("payload")
+
+
+def payload_bytes(messages: list[Message]) -> int:
+    """The payload bytes of ``messages`` (summed in C: it runs per take and ack)."""
+    return sum(map(len, map(_payload, messages)))
+
+
 def _cost(messages: list[Message]) -> int:
-    return sum(len(m.payload) for m in messages) + MESSAGE_OVERHEAD * len(messages)
+    return payload_bytes(messages) + MESSAGE_OVERHEAD * len(messages)
 
 
 class BatchCache:
@@ -28,6 +37,8 @@ class BatchCache:
         self.max_bytes = max_bytes
         self.max_batches = max_batches
         self._buckets: OrderedDict[str, dict[str, list[Message]]] = OrderedDict()
+        #: What each cached batch was counted at, so dropping it costs no recount.
+        self._costs: dict[str, int] = {}
         self.bytes = 0
         self.batches = 0
 
@@ -48,9 +59,10 @@ class BatchCache:
         self._buckets.move_to_end(bucket)
         old = batches.get(name)
         if old is not None:
-            self._account(old, -1)
+            self._account(path, -1)
         batches[name] = messages
-        self._account(messages, +1)
+        self._costs[path] = _cost(messages)
+        self._account(path, +1)
         while (self.bytes > self.max_bytes or self.batches > self.max_batches) and (
             len(self._buckets) > 1
         ):
@@ -64,14 +76,15 @@ class BatchCache:
             return
         old = batches.pop(name, None)
         if old is not None:
-            self._account(old, -1)
+            self._account(path, -1)
         if not batches:
             del self._buckets[bucket]
 
     def drop_bucket(self, bucket: str) -> None:
-        for messages in self._buckets.pop(bucket, {}).values():
-            self._account(messages, -1)
+        for name in self._buckets.pop(bucket, {}):
+            self._account(os.path.join(bucket, name), -1)
 
-    def _account(self, messages: list[Message], sign: int) -> None:
-        self.bytes += sign * _cost(messages)
+    def _account(self, path: str, sign: int) -> None:
+        cost = self._costs[path] if sign > 0 else self._costs.pop(path)
+        self.bytes += sign * cost
         self.batches += sign

@@ -57,7 +57,7 @@ LOCK_NAME = "lock"
 WAKE_NAME = "wake"
 USAGE_NAME = "usage"
 #: What may lie in a root; anything else is foreign and left alone.
-#: (``put.sock``: dropr-client's put socket in a spool.)
+#: (``put.sock`` and ``putlog``: dropr-client's put socket and put log in a spool.)
 ROOT_ENTRIES = {
     "lock",
     "tmp",
@@ -68,6 +68,7 @@ ROOT_ENTRIES = {
     "notify",
     "usage",
     "put.sock",
+    "putlog",
 }
 #: A file being written: ``<prefix>.<pid>.<12 hex>.tmp``.
 TMP_RE = re.compile(r".*\.(\d+)\.[0-9a-f]{12}\.tmp\Z")

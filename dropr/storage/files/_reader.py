@@ -63,8 +63,10 @@ class BatchReader:
             data = self.disk.read(path)
         except FileNotFoundError:
             return None
-        token, batch_id = self.token, bn.batch_id
-        decoded = batchfile.decode(data, lambda i: Receipt(token, queue, bucket, batch_id, i))
+        token, batch_id, new = self.token, bn.batch_id, tuple.__new__
+        # Made in one comprehension, not one call per record from the codec.
+        receipts = [new(Receipt, (token, queue, bucket, batch_id, i)) for i in range(bn.count)]
+        decoded = batchfile.decode(data, receipts=receipts)
         if decoded.error or len(decoded.messages) != bn.count:
             reason = decoded.error or (
                 f"holds {len(decoded.messages)} messages, its name says {bn.count}"
@@ -79,6 +81,18 @@ class BatchReader:
         messages = decoded.messages[: bn.count]
         self.cache.put(path, messages)
         return messages
+
+    def read_wire(self, bucket: str, bn: BatchName) -> batchfile.WireRecords | None:
+        """The records of a batch file ready for the wire; None if unreadable.
+
+        Not cached: a spool's sender reads each file once.  A damaged file is
+        left to ``read``, which reports and quarantines it.
+        """
+        try:
+            data = self.disk.read(os.path.join(bucket, str(bn)))
+        except FileNotFoundError:
+            return None
+        return batchfile.wire_records(data, bn.count)
 
     def forget(self, path: str) -> None:
         """Forget a cached batch (finished, removed or quarantined)."""

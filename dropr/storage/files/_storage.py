@@ -46,6 +46,7 @@ from dropr.interfaces import (
 )
 from dropr.storage import _batchfile as batchfile
 from dropr.storage.files import _recovery as recovery
+from dropr.storage.files._batchcache import payload_bytes
 from dropr.storage.files._dedup import DedupIndex
 from dropr.storage.files._dedupkeeper import DedupKeeper, indexed_until
 from dropr.storage.files._dirlisting import DirListing
@@ -66,6 +67,7 @@ from dropr.storage.files._reader import BatchReader
 from dropr.storage.files._taker import Taker
 from dropr.storage.files._usage import USAGE_FILE_FRESH, UsageCounter
 from dropr.storage.files._writer import BatchWriter
+from dropr.wire import WireBatch
 
 #: Seconds between two looks for idle queues in ``upkeep``.
 _IDLE_SWEEP_EVERY = 60.0
@@ -274,13 +276,19 @@ class FilesystemStorage:
         queue: str,
         messages: Sequence[Message],
         records: Mapping[str, bytes] | None = None,
+        *,
+        batch_id: str | None = None,
     ) -> list[str]:
         """Store ``messages`` in ``queue``, durably; see ``IStorage.add``.
 
         ``records`` may give, by id, a message's record already encoded as a
         batch file holds it (a server receives them so); it is written as is.
+        ``batch_id`` files the batch under that id instead of a new one: the
+        client daemon moves messages that waited in its put log into the
+        spool under their oldest id, so they go before anything their
+        producers wrote later.
         """
-        return self._store([(queue, messages)], records)
+        return self._store([(queue, messages)], records, batch_id)
 
     def store(
         self,
@@ -294,6 +302,7 @@ class FilesystemStorage:
         self,
         batches: Sequence[tuple[str, Sequence[Message]]],
         records: Mapping[str, bytes] | None,
+        batch_id: str | None = None,
     ) -> list[str]:
         """Store ``(queue, messages)`` pairs all or nothing; the ids stored.
 
@@ -316,7 +325,7 @@ class FilesystemStorage:
             stored = [m for _q, ms in batches for m in ms]
             count, nbytes = len(stored), sum(len(m.payload) for m in stored)
             self._check_limits(count, nbytes)
-            written = self._writer.place(batches, records)
+            written = self._writer.place(batches, records, batch_id)
             # Durable now: wake the consumers first, the bookkeeping can wait.
             for queue, _messages in batches:
                 with contextlib.suppress(OSError):
@@ -358,16 +367,55 @@ class FilesystemStorage:
             self._check_open()
             return self._taker.take(queue, limit, lease_s)
 
+    def take_wire(
+        self, queue: str, limit: int, max_bytes: int, lease: float | None = None
+    ) -> WireBatch | list[Message]:
+        """``take``, as the records of a request body (see ``dropr.wire.WireBatch``).
+
+        At most ``max_bytes`` of payload (one message at least).  What a
+        sender forwards as it is needs no object per message.  A queue with
+        a damaged batch file gets a plain ``take`` (which reports it).
+        """
+        validate_queue(queue)
+        if limit < 1:
+            return []
+        lease_s = self.default_lease if lease is None else lease
+        with self._mutex, disk_errors(self.path):
+            self._check_open()
+            batch = self._taker.take_wire(queue, limit, lease_s, max_bytes, self._guard)
+            if batch is not None:
+                return batch
+            return self._taker.take(queue, limit, lease_s)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        with self._mutex, disk_errors(self.path):
+            self._check_open()
+            yield
+
     def ack(self, messages: Iterable[Message]) -> None:
         """Forget taken ``messages``; durable on return when ``sync_acks``.
 
         A message whose bucket another consumer finished and removed counts
         as acked; the others are acked whatever happened to it.
         """
+        if isinstance(messages, WireBatch):
+            with self._mutex, disk_errors(self.path):
+                self._check_open()
+                self._taker.settle_wire(messages, "A", self.sync_acks)
+                self._usage.settled(len(messages), messages.nbytes)
+            return
         self._settle(messages, "A", self.sync_acks)
 
     def release(self, messages: Iterable[Message]) -> None:
         """Hand taken ``messages`` out again (no sync: a lost release only delays)."""
+        if isinstance(messages, WireBatch):
+            # By the batch files' indexes: giving back needs no message
+            # objects, so it works even where making them would not.
+            with self._mutex, disk_errors(self.path):
+                self._check_open()
+                self._taker.settle_wire(messages, "R", False)
+            return
         self._settle(messages, "R", False)
 
     def fail(self, messages: Iterable[Message], reason: str) -> None:
@@ -383,7 +431,7 @@ class FilesystemStorage:
             for queue, group in by_queue.items():
                 self._failed.write(queue, group, reason)
             self._taker.settle(messages, "F", True)
-            self._usage.settled(len(messages), sum(len(m.payload) for m in messages))
+            self._usage.settled(len(messages), payload_bytes(messages))
 
     def _settle(self, messages: Iterable[Message], op: str, sync: bool) -> None:
         messages = list(messages)
@@ -391,7 +439,7 @@ class FilesystemStorage:
             self._check_open()
             self._taker.settle(messages, op, sync)
             if op == "A":
-                self._usage.settled(len(messages), sum(len(m.payload) for m in messages))
+                self._usage.settled(len(messages), payload_bytes(messages))
 
     def remove_finished(self, queue: str, older_than: float = 0.0) -> int:
         """Delete the buckets of ``queue`` whose every message is acked or failed.

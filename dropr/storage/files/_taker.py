@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from typing import cast
 
 from twisted.logger import Logger
 
 from dropr._message import Message
-from dropr.errors import UnknownMessage
+from dropr.errors import DroprError, UnknownMessage
 from dropr.storage._batchfile import BatchName
 from dropr.storage.files._dirlisting import DirListing
 from dropr.storage.files._disk import Disk
@@ -31,6 +33,15 @@ from dropr.storage.files._layout import (
 from dropr.storage.files._queueview import QueueView, QueueViews, release_line
 from dropr.storage.files._reader import BatchReader, Receipt
 from dropr.storage.files._statelog import StateLog, format_indexes, line
+from dropr.wire import WireBatch
+
+#: What a take's ``pick`` returns: the indexes taken and whether it is full,
+#: or None to skip the batch file.
+_Picked = tuple[list[int], bool] | None
+
+
+class _NeedsTake(DroprError):
+    """A batch file cannot be read as records: ``take`` must read (and report) it."""
 
 
 class Taker:
@@ -78,10 +89,106 @@ class Taker:
             q.unlock()
 
     def _take_locked(self, q: QueueView, limit: int, lease_s: float) -> list[Message]:
+        taken: list[Message] = []
+
+        def pick(bucket: str, bn: BatchName, free: list[int], room: int) -> _Picked:
+            messages = self.reader.read(q.name, bucket, bn)
+            if messages is None:
+                return None  # quarantined; a salvaged copy shows up in the listing
+            chosen = [i for i in free if i < len(messages)][:room]
+            taken.extend([messages[i] for i in chosen])
+            return chosen, False
+
+        self._lease(q, limit, lease_s, pick)
+        return taken
+
+    def take_wire(
+        self,
+        queue: str,
+        limit: int,
+        lease_s: float,
+        max_bytes: int,
+        guard: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    ) -> WireBatch | None:
+        """``take``, as the records of a request body; None when a file needs ``take``.
+
+        At most ``max_bytes`` of payload, but always at least one message.
+        A batch file that cannot be read as it is (damaged) makes this give
+        up before any lease is written: ``take`` then reports and
+        quarantines it as usual.
+        """
+        q = self.views.get(queue)
+        if not self.disk.isdir(q.path):
+            return WireBatch([], [], 0, list, (self.reader.token, queue, []))
+        records: list[bytes] = []
+        ids: list[str] = []
+        spans: list[tuple[str, BatchName, list[int]]] = []
+        channels: set[str] = set()
+        nbytes = 0
+
+        def pick(bucket: str, bn: BatchName, free: list[int], room: int) -> _Picked:
+            nonlocal nbytes
+            wire = self.reader.read_wire(bucket, bn)
+            if wire is None:
+                raise _NeedsTake()
+            sizes = wire.sizes
+            chosen: list[int] = []
+            full = False
+            for i in free[:room]:
+                if nbytes + sizes[i] > max_bytes and (ids or chosen):
+                    full = True
+                    break
+                nbytes += sizes[i]
+                chosen.append(i)
+            wire_records, wire_ids = wire.records, wire.ids
+            records.extend([wire_records[i] for i in chosen])
+            ids.extend([wire_ids[i] for i in chosen])
+            if chosen:
+                spans.append((bucket, bn, chosen))
+                channels.update(wire.channels)
+            return chosen, full
+
+        q.lock()
+        try:
+            self._release_pending(q)
+            try:
+                self._lease(q, limit, lease_s, pick)
+            except _NeedsTake:
+                return None
+        finally:
+            q.unlock()
+
+        def materialize() -> list[Message]:
+            out: list[Message] = []
+            with guard():  # the storage's lock: the reader's cache is shared
+                for bucket, bn, chosen in spans:
+                    messages = self.reader.read(q.name, bucket, bn)
+                    if messages is None:
+                        raise OSError(f"batch file {bn} of {bucket} became unreadable")
+                    out.extend([messages[i] for i in chosen])
+            return out
+
+        settle = (self.reader.token, q.name, [(b, bn.batch_id, c) for b, bn, c in spans])
+        return WireBatch(records, ids, nbytes, materialize, settle, channels)
+
+    def _lease(
+        self,
+        q: QueueView,
+        limit: int,
+        lease_s: float,
+        pick: Callable[[str, BatchName, list[int], int], _Picked],
+    ) -> None:
+        """Lease what ``pick`` chooses of the free messages, in delivery order, up to ``limit``.
+
+        ``pick(bucket, name, free, room)`` takes up to ``room`` of the
+        ``free`` indexes of a batch file and returns those it took and
+        whether it is full (None: the file is to be skipped).
+        """
         now_ms = int(self.clock() * 1000)
         expiry = now_ms + int(lease_s * 1000)
         dead_unless = self.owner if self.sole_taker else None
-        taken: list[Message] = []
+        count = 0
+        full = False
         leases: list[tuple[StateLog, list[str]]] = []
         finished: list[tuple[str, StateLog]] = []
         # Lazily: a take stops at its limit, usually in the first buckets.
@@ -108,23 +215,23 @@ class Taker:
                     continue
                 at_cursor = False
                 complete = False
-                if len(taken) >= limit:
+                if count >= limit or full:
                     break
                 free = state.free(bn.count, now_ms, dead_unless)
                 if not free:
                     continue
-                messages = self.reader.read(q.name, bucket, bn)
-                if messages is None:
-                    continue  # quarantined; a salvaged copy shows up in the listing
-                chosen = [i for i in free if i < len(messages)][: limit - len(taken)]
-                taken.extend([messages[i] for i in chosen])
+                picked = pick(bucket, bn, free, limit - count)
+                if picked is None:
+                    continue
+                chosen, full = picked
+                count += len(chosen)
                 if chosen:
                     lines.append(line("T", bn.batch_id, expiry, format_indexes(chosen), self.owner))
             if lines:
                 leases.append((log, lines))
             if complete:
                 finished.append((bucket, log))
-            if len(taken) >= limit:
+            if count >= limit or full:
                 break
         self._write_leases(q, leases)
         for bucket, log in finished:
@@ -133,7 +240,6 @@ class Taker:
                 self.remove_bucket_if_done(q, bucket, log)
             except OSError as e:
                 self.log.warn("could not remove finished bucket {bucket}: {e}", bucket=bucket, e=e)
-        return taken
 
     def _write_leases(self, q: QueueView, leases: list[tuple[StateLog, list[str]]]) -> None:
         """Append each bucket's ``T`` lines; on failure release them all, then raise.
@@ -196,11 +302,38 @@ class Taker:
         another consumer took over and finished it).
         """
         grouped: dict[str, dict[str, dict[str, list[int]]]] = {}
+        token = self.reader.token
+        indexes: list[int] = []
+        last: Receipt | None = None
         for m in messages:
-            r = self.receipt(m)
-            grouped.setdefault(r.queue, {}).setdefault(r.bucket, {}).setdefault(
-                r.batch_id, []
-            ).append(r.position)
+            r = m.receipt
+            if r.__class__ is not Receipt or r[0] is not token:
+                r = self.receipt(m)  # raises with the reason
+            # Messages come in runs of one batch file, whose receipts share
+            # their strings: a run costs one look-up, not three per message.
+            if last is None or r[3] is not last[3] or r[2] is not last[2] or r[1] is not last[1]:
+                indexes = grouped.setdefault(r[1], {}).setdefault(r[2], {}).setdefault(r[3], [])
+                last = r
+            indexes.append(r[4])
+        self._settle_grouped(grouped, op, sync)
+
+    def settle_wire(self, batch: WireBatch, op: str, sync: bool) -> None:
+        """``settle`` for a batch ``take_wire`` made, without its message objects."""
+        token, queue, spans = cast(
+            tuple[object, str, list[tuple[str, str, list[int]]]], batch.settle
+        )
+        if token is not self.reader.token:
+            raise UnknownMessage(
+                "this batch was not taken from this storage: ack the batch take_wire returned"
+            )
+        by_bucket: dict[str, dict[str, list[int]]] = {}
+        for bucket, batch_id, chosen in spans:
+            by_bucket.setdefault(bucket, {}).setdefault(batch_id, []).extend(chosen)
+        self._settle_grouped({queue: by_bucket}, op, sync)
+
+    def _settle_grouped(
+        self, grouped: dict[str, dict[str, dict[str, list[int]]]], op: str, sync: bool
+    ) -> None:
         failure: OSError | None = None
         owner = (self.owner,) if op == "R" else ()
         for queue, buckets in grouped.items():

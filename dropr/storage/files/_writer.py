@@ -36,8 +36,12 @@ class BatchWriter:
         self,
         batches: Sequence[tuple[str, Sequence[Message]]],
         records: Mapping[str, bytes] | None,
+        batch_id: str | None = None,
     ) -> list[BatchName]:
         """One batch file per queue and priority: written, renamed, synced; all or none.
+
+        The files are named by a new batch id, or by ``batch_id`` when given
+        (messages that waited elsewhere, filed where their time puts them).
 
         Every file is written and synced first, then all are renamed into
         their buckets and the buckets synced.  Any error takes back
@@ -56,7 +60,9 @@ class BatchWriter:
                     by_priority.setdefault(m.priority, []).append(m)
                 for priority in sorted(by_priority):
                     group = by_priority[priority]
-                    name = BatchName(self.ids(), len(group), sum(len(m.payload) for m in group))
+                    name = BatchName(
+                        batch_id or self.ids(), len(group), sum(len(m.payload) for m in group)
+                    )
                     if records is not None and all(m.id in records for m in group):
                         chunks = [batchfile.MAGIC, *(records[m.id] for m in group)]
                     else:
