@@ -307,3 +307,33 @@ def test_writes_run_in_the_reactor_while_quick_and_on_the_thread_when_slow() -> 
         pool.jobs.clear()
     runner(write(0.0001))
     assert runner.inline == inline + 1  # quick again: back in the reactor
+
+
+def test_a_cut_at_any_byte_keeps_every_record_synced_before_it(tmp_path: Path) -> None:
+    """A crash keeps a prefix of the segment: every group whose sync ended
+    before the cut comes back, whole, in order; nothing after it does."""
+    path = str(tmp_path / "spool")
+    os.makedirs(path)
+    log = PutLog(path)
+    log.open()
+    groups = [messages(n) for n in (1, 3, 2)]
+    ends = [log.append(group).size for group in groups]  # synced size after each
+    [(_n, segment)] = segments(path)
+    with open(segment, "rb") as f:
+        data = f.read()
+    for cut in range(len(data) + 1):
+        with open(segment, "wb") as f:
+            f.write(data[:cut])
+        got: list[str] = []
+
+        def add(_d: str, ms: list[Message], _at: str, got: list[str] = got) -> None:
+            got.extend(m.id for m in ms)
+
+        recover(path, add)
+        synced = [
+            m.id for group, end in zip(groups, ends, strict=True) if end <= cut for m in group
+        ]
+        assert got[: len(synced)] == synced, f"lost an answered put at cut {cut}"
+        assert got == [m.id for g in groups for m in g][: len(got)], f"junk at cut {cut}"
+        with open(segment, "wb") as f:  # recover removed it: put it back whole
+            f.write(data)

@@ -500,3 +500,26 @@ def test_the_quick_query_parser_reads_what_parse_qs_reads(query: str) -> None:
     from dropr.client._puthttp import _parse_query
 
     assert _parse_query(query) == parse_qs(query, keep_blank_values=True)
+
+
+def test_a_forked_child_never_uses_its_parents_connection(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(4)
+    client = _putclient.PutSocketClient(path, timeout=2)
+    conn = client._connection(fresh=False)
+    assert conn is not None
+    client._give_back(conn)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh connection, never the parent's
+        mine = client._connection(fresh=False)
+        os.write(write_end, b"fresh" if mine is not None and mine is not conn else b"reused")
+        os._exit(0)
+    os.close(write_end)
+    assert os.read(read_end, 16) == b"fresh"
+    os.waitpid(pid, 0)
+    assert client._connection(fresh=False) is conn  # the parent keeps its own
+    client.close()
+    server.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -67,17 +68,46 @@ def encode_request(message: Message) -> bytes:
     ).encode("ascii") + message.payload
 
 
+#: Bumped in a child after ``fork()``: connections of an older generation
+#: are the parent's (cheaper than a ``getpid()`` per put).
+_generation = 0
+
+
+def _forked() -> None:
+    global _generation
+    _generation += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
 class _Connection:
     def __init__(self, path: str, timeout: float) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(path)
+            # Blocking, with the timeout kept by the kernel: a put is then
+            # one send and one receive, without a poll() before each.
+            self.sock.settimeout(None)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
         except BaseException:
             self.sock.close()
             raise
         self.buffer = bytearray()
-        self.pid = os.getpid()
+        self.generation = _generation
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:
+            raise TimeoutError("the daemon did not take the request in time") from None
 
     def close(self) -> None:
         self.sock.close()
@@ -113,7 +143,10 @@ class _Connection:
         return status, body, keep
 
     def _recv(self) -> None:
-        data = self.sock.recv(65536)
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            raise TimeoutError("the daemon did not answer in time") from None
         if not data:
             raise _NoAnswer("the daemon closed the connection")
         self.buffer += data
@@ -127,7 +160,7 @@ class PutSocketClient:
         self.timeout = timeout
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._generation = _generation
         self._hold_off_until = 0.0
 
     def put(self, messages: Sequence[Message]) -> list[Answer]:
@@ -142,7 +175,7 @@ class PutSocketClient:
             if conn is None:
                 break
             try:
-                conn.sock.sendall(b"".join(encode_request(m) for m in messages[len(answers) :]))
+                conn.send(b"".join(encode_request(m) for m in messages[len(answers) :]))
                 keep = True
                 while len(answers) < len(messages):
                     status, body, keep = conn.read_answer()
@@ -167,10 +200,10 @@ class PutSocketClient:
 
     def _connection(self, fresh: bool) -> _Connection | None:
         with self._lock:
-            if self._pid != os.getpid():
+            if self._generation != _generation:
                 # Forked: the parent's connections are the parent's.
                 self._idle = []
-                self._pid = os.getpid()
+                self._generation = _generation
             if self._idle and not fresh:
                 return self._idle.pop()
         try:
@@ -183,7 +216,7 @@ class PutSocketClient:
 
     def _give_back(self, conn: _Connection) -> None:
         with self._lock:
-            if conn.pid == os.getpid() and len(self._idle) < 8:
+            if conn.generation == _generation and len(self._idle) < 8:
                 self._idle.append(conn)
                 return
         conn.close()
