@@ -1,7 +1,7 @@
 """A disk that fails on purpose: ENOSPC, EIO or a crash at the i-th operation.
 
 ``FaultyDisk`` stands in for the storage's ``Disk`` (dropr/storage/files/
-_disk.py).  It counts the operations that change the disk (create, append,
+_disk.py).  It counts the operations that change the disk (create, fill, append,
 sync, truncate, touch, rename, unlink, mkdir, rmdir) and, separately, the
 reads (read, listdir).  At the chosen one it raises ``OSError(ENOSPC)`` or
 ``OSError(EIO)`` before the operation has any effect, or it *crashes*.
@@ -10,7 +10,7 @@ The crash model (see docs/faults.rst): the disk keeps a journal of what is
 not yet durable, by the rules the storage relies on:
 
 - file data is durable up to the size at its last sync (``create`` with
-  ``sync``, ``append`` with ``sync``, ``sync_file``); data of a file first
+  ``sync``, ``fill``, ``append`` with ``sync``, ``sync_file``); data of a file first
   seen by an append counts as durable up to the size it had then;
 - a new entry (created file, rename target, new directory, removal of a
   file or directory) is durable once its directory is synced.
@@ -195,6 +195,11 @@ class FaultyDisk(Disk):
         super().append(path, data, sync=sync)
         if sync:
             self._note_size(path, synced=True)
+
+    def fill(self, path: str, data: bytes) -> None:
+        self._effect("fill", path)
+        super().fill(path, data)
+        self._note_size(path, synced=True)
 
     def sync_file(self, path: str) -> None:
         self._effect("sync_file", path)

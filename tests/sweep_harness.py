@@ -23,6 +23,7 @@ Used by tests/test_disk_sweep.py (a CI-sized subset) and bench/sweep.py
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -170,6 +171,11 @@ class World:
         for held in self.model.held.values():
             held[:] = [m for m in held if m.id not in ids]
 
+    def prepare(self) -> None:
+        """What dropr-server does after each answer (spare files); it never fails a request."""
+        with contextlib.suppress(DroprError):
+            self.storages[0].prepare()
+
     def maintain(self) -> None:
         self.storages[0].maintain()
 
@@ -290,6 +296,19 @@ def _recovery_run(w: World) -> None:
     w.ack(got)
 
 
+def _spares_run(w: World) -> None:
+    """dropr-server's small stores: each fills a spare file made after the one before."""
+    sent = make(2)
+    w.store([("a", sent)])
+    w.prepare()
+    w.store([("a", sent + make(1)), ("b", make(1, channel="b"))])
+    w.prepare()
+    w.maintain()
+    w.store([("a", make(1, priority=0))])
+    w.reopen()
+    w.store([("a", make(1))])
+
+
 SCENARIOS = [
     ScenarioSpec("add", _nothing, _add_run),
     ScenarioSpec("store-all-or-nothing", _nothing, _store_run, dedup=True),
@@ -298,6 +317,7 @@ SCENARIOS = [
     ScenarioSpec("bucket-removal", _filled, _removal_run),
     ScenarioSpec("dedup-upkeep", _dedup_setup, _dedup_run, dedup=True),
     ScenarioSpec("recovery", _nothing, _recovery_run, dedup=True),
+    ScenarioSpec("server-spares", _nothing, _spares_run, dedup=True),
 ]
 
 

@@ -44,7 +44,8 @@ from dropr.server._answers import (
 )
 from dropr.server._fds import NotEnoughDescriptors, plan_connections
 from dropr.server._receiver import Limits
-from dropr.server._resource import make_site
+from dropr.server._resource import INLINE_MAX_BYTES, StorePlacement, make_site
+from dropr.server._site import SMALL_BODY
 from dropr.server._stats import CappedStats
 from dropr.storage._spec import open_store
 from dropr.wire import CONTENT_TYPE, WireError, encode_batch
@@ -580,7 +581,8 @@ def test_out_of_descriptors_is_answered_503(wire: Wire, monkeypatch: pytest.Monk
         raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", no_descriptor)
-    status, answer, _ = wire.exchange(request(encode_batch(msgs(1))))
+    # A body large enough to be spooled to a file (small ones wait in memory).
+    status, answer, _ = wire.exchange(request(encode_batch(msgs(1, size=SMALL_BODY))))
     assert status == 503
     assert "file descriptors" in answer["error"]
 
@@ -670,3 +672,82 @@ def test_sqlite_is_a_receiving_store(tmp_path: Path) -> None:
         assert store.channel_count() == 1
     finally:
         store.close()
+
+
+def test_a_small_body_waits_in_memory_a_large_one_in_a_file(
+    wire: Wire, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file costs a small request more than its store: only large bodies get one."""
+    files: list[object] = []
+    real = tempfile.TemporaryFile
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        f = real(*a, **kw)
+        files.append(f)
+        return f
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", counted)
+    status, _answer, _ = wire.exchange(request(encode_batch(msgs(3))))
+    assert status == 200
+    assert files == []
+    status, _answer, _ = wire.exchange(request(encode_batch(msgs(1, size=SMALL_BODY))))
+    assert status == 200
+    assert len(files) == 1
+
+
+def test_after_an_answer_the_store_gets_ready_for_the_next_request(wire: Wire) -> None:
+    tmp = os.path.join(wire.store.path, "tmp")
+    assert wire.exchange(request(encode_batch(msgs(1))))[0] == 200
+    assert os.listdir(tmp) == []  # not before the answer is on its way
+    wire.clock.advance(0)
+    spares = {n for n in os.listdir(tmp) if n.startswith("spare.")}
+    assert spares  # made after the answer, in the pool
+    assert wire.exchange(request(encode_batch(msgs(1))))[0] == 200
+    assert len(spares - set(os.listdir(tmp))) == 1  # the second store filled one
+
+
+class CountingPool(SyncPool):
+    def __init__(self) -> None:
+        self.jobs = 0
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any, **kw: Any) -> None:
+        self.jobs += 1
+        super().callInThreadWithCallback(on_result, f, *args, **kw)
+
+
+def test_a_small_request_at_an_idle_server_is_stored_without_the_pool(tmp_path: Path) -> None:
+    """Two thread hops cost as much as a small sync: an idle server stores a
+    small request in its reactor; overlapping or large ones go to the pool."""
+    w = Wire(tmp_path)
+    try:
+        pool = CountingPool()
+        w.resource.pool = pool  # type: ignore[assignment]
+        now = [100.0]
+        w.resource.placement = StorePlacement(True, clock=lambda: now[0])
+
+        def stores(body: bytes) -> int:
+            before = pool.jobs
+            assert w.exchange(request(body))[0] == 200
+            return pool.jobs - before
+
+        assert stores(encode_batch(msgs(1))) == 0  # idle: in the reactor
+        assert stores(encode_batch(msgs(1))) == 1  # right after another: the pool
+        now[0] += 1.0
+        assert stores(encode_batch(msgs(1, size=INLINE_MAX_BYTES))) == 1  # large: the pool
+        now[0] += 1.0
+        assert stores(encode_batch(msgs(2))) == 0
+        # A store under way in the pool sends the next one there too.
+        now[0] += 1.0
+        w.resource.placement.in_pool = 1
+        assert stores(encode_batch(msgs(1))) == 1
+        # A store that says nothing of its speed always goes to the pool.
+        now[0] += 1.0
+        w.resource.placement = StorePlacement(False, clock=lambda: now[0])
+        assert stores(encode_batch(msgs(1))) == 1
+        assert not w.resource.placement.in_pool
+    finally:
+        w.close()
+
+
+def test_the_file_store_says_its_small_stores_are_quick(wire: Wire) -> None:
+    assert wire.resource.placement.allowed

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from dropr._ids import new_id
 from dropr._message import Message
-from dropr.errors import StorageFull
+from dropr.errors import DroprError, StorageFull
 from dropr.interfaces import IReceivingStore
 from dropr.monitoring._metrics import ServerMetrics
 from dropr.wire import WireError, parse_batch
@@ -186,6 +186,21 @@ class Receiver:
             stored.extend(m.id for m in group)
         self.metrics.rejected_messages(kinds)
         return stored, rejected
+
+    def prepare(self) -> None:
+        """Get the store ready for the next request, off an answer's path; never raises.
+
+        A store that can (the file-system one: spare files) does work ahead
+        here that a store would otherwise wait for; one that cannot has no
+        ``prepare``.  A failure (a full disk) is the next store's to report.
+        """
+        prepare = getattr(self.store, "prepare", None)
+        if prepare is None:
+            return
+        try:
+            prepare()
+        except (DroprError, OSError) as e:
+            self.log.debug("store not prepared: {error}", error=e)
 
     def _check_channels(self, channels: set[str]) -> None:
         """Refuse a request that would open channels beyond the limit."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,7 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from dropr.daemon._auth import NOT_AUTHENTICATED, SCHEME, Authenticator, media_type
+from dropr.daemon._auth import NOT_AUTHENTICATED, SCHEME, Authenticator, Claim, media_type
 from dropr.errors import InvalidMessage
 from dropr.interfaces import IReceivingStore
 from dropr.monitoring._metrics import ServerMetrics
@@ -61,6 +61,48 @@ def _json(
     return refusal.body()
 
 
+#: A request body of at most this many bytes may be stored in the reactor...
+INLINE_MAX_BYTES = 4096
+#: ...when no store is under way in the pool and none ended this many seconds ago.
+INLINE_IDLE = 0.005
+
+
+class StorePlacement:
+    """Where a request is stored: in the pool, or at once in the reactor.
+
+    The pool keeps the reactor free while a store waits for the disk, and
+    lets it read the next requests meanwhile.  But handing a request to a
+    thread and its answer back costs two wake-ups (0.2 ms on an idle box,
+    0.6 ms on a busy one), as much as the sync of a small batch.  So a
+    small request arriving at an idle server (nothing in the pool, no store
+    in the last few milliseconds) is stored at once, when the store says
+    its small stores are quick local work (``quick_small_stores``: the
+    file-system store).  As soon as requests overlap or follow closely,
+    they go to the pool; large requests always do.
+    """
+
+    def __init__(self, allowed: bool, clock: Any = time.monotonic) -> None:
+        self.allowed = allowed
+        self._clock = clock
+        #: Stores handed to the pool and not yet ended.
+        self.in_pool = 0
+        self._last_end = float("-inf")
+
+    def inline(self, size: int) -> bool:
+        return (
+            self.allowed
+            and size <= INLINE_MAX_BYTES
+            and self.in_pool == 0
+            and self._clock() - self._last_end >= INLINE_IDLE
+        )
+
+    def ended(self, *, pooled: bool) -> None:
+        """A store ended (``pooled``: one handed to the pool)."""
+        if pooled:
+            self.in_pool -= 1
+        self._last_end = self._clock()
+
+
 class ReceiverResource(Resource):
     """``POST /``: a batch or one raw message.  ``GET /health``: liveness."""
 
@@ -80,6 +122,7 @@ class ReceiverResource(Resource):
         self.pool = pool
         self.parsing = parsing
         self.stopping = False
+        self.placement = StorePlacement(bool(getattr(receiver.store, "quick_small_stores", False)))
 
     def render(self, request: server.Request) -> Any:
         if request.method not in (b"GET", b"HEAD", b"POST"):
@@ -151,10 +194,17 @@ class ReceiverResource(Resource):
         request.notifyFinish().addErrback(lambda _f: gone.append(True))
         waited = self.parsing.acquire(size)
 
+        pooled: list[bool] = []
+
         def run(_: object) -> Deferred[Result]:
+            if self.placement.inline(size):
+                return maybeDeferred(job)
+            pooled.append(True)
+            self.placement.in_pool += 1
             return deferToThreadPool(self.reactor, self.pool, job)
 
         def done(result: object) -> object:
+            self.placement.ended(pooled=bool(pooled))
             self.parsing.release(size)
             if size >= TRIM_AFTER:
                 trim()
@@ -172,22 +222,41 @@ class ReceiverResource(Resource):
         self, result: Result, request: UploadRequest, gone: list[bool], started: float
     ) -> None:
         stored, rejected = result
-        claim = request.claim
+        ms = (time.monotonic() - started) * 1000
+        observe(request, 200, "", len(stored) + len(rejected))
+        if not gone:
+            _finish(request, 200, encode_answer(stored, rejected))
+        # The log line and the store's preparation for the next request
+        # (spare files, in the pool) wait for the reactor's next turn, which
+        # writes the answer out first.
+        cast(IReactorTime, self.reactor).callLater(
+            0, self._after_answer, peer_of(request), request.claim, stored, rejected, ms
+        )
+
+    def _after_answer(
+        self,
+        peer: str,
+        claim: Claim | None,
+        stored: list[str],
+        rejected: dict[str, str],
+        ms: float,
+    ) -> None:
         self.log.info(
             "stored {stored} messages, rejected {rejected} in {ms:.1f} ms from {peer}{signed}",
             stored=len(stored),
             rejected=len(rejected),
-            ms=(time.monotonic() - started) * 1000,
-            peer=peer_of(request),
+            ms=ms,
+            peer=peer,
             # Who sent what: the store itself does not record the sender.
             client=claim.identity if claim is not None else None,
             signed=f" (client {claim.identity})" if claim is not None else "",
             ids=stored,
             rejected_ids=rejected,
         )
-        observe(request, 200, "", len(stored) + len(rejected))
-        if not gone:
-            _finish(request, 200, encode_answer(stored, rejected))
+        self._prepare()
+
+    def _prepare(self) -> None:
+        deferToThreadPool(self.reactor, self.pool, self.receiver.prepare)
 
     def _failed(self, failure: Failure, request: UploadRequest, gone: list[bool]) -> None:
         refusal = refusal_for(failure.value) if failure.value is not None else None

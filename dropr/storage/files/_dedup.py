@@ -24,10 +24,13 @@ the last one.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dropr._ids import id_millis
@@ -44,6 +47,15 @@ _SUFFIX = ".ids"
 _LOADED_MAX = 2_000_000
 
 
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """A checkpoint's work: slot files to sync, whether ``ids/`` is, and how far it reaches."""
+
+    slots: list[int]
+    new_files: bool
+    indexed_ms: int
+
+
 class DedupIndex:
     """Stored ids of the last ``window`` seconds, on disk under ``path``."""
 
@@ -53,8 +65,11 @@ class DedupIndex:
         window: float,
         clock: Callable[[], float] = time.time,
         disk: Disk = REAL_DISK,
+        checkpoint_lock: threading.RLock | None = None,
     ) -> None:
         self.path = path
+        #: Held by a checkpoint from its plan to its end: one at a time.
+        self.checkpoint_lock = checkpoint_lock or threading.RLock()
         self.window = window
         self._clock = clock
         self.disk = disk
@@ -169,21 +184,56 @@ class DedupIndex:
         now = time.monotonic()
         if not force and now - self._checkpoint_written < 1.0:
             return
-        self.checkpoint()
+        if force:
+            self.checkpoint()
+        elif self.checkpoint_lock.acquire(blocking=False):
+            # Where no upkeep checkpoints, an add does now and then.  One
+            # under way (an upkeep's, outside the store's lock) will do.
+            try:
+                self.finish_checkpoint(self.begin_checkpoint())
+            finally:
+                self.checkpoint_lock.release()
 
     def checkpoint(self) -> None:
         """Sync the slot files written to, then record how far they reach."""
+        with self.checkpoint_lock:
+            self.finish_checkpoint(self.begin_checkpoint())
+
+    def begin_checkpoint(self) -> CheckpointPlan:
+        """What a checkpoint now is to sync and record.
+
+        Called under the store's lock and ``checkpoint_lock``; the syncs and
+        the write (``finish_checkpoint``) may then run without the store's
+        lock, beside adds: what they record was appended before this.
+        """
         self._checkpoint_written = time.monotonic()
-        for slot in sorted(self._dirty):
-            self.disk.sync_file(self._file(slot))
-            self._dirty.discard(slot)
-        if self._new_files:
-            # A new slot file is only durable once its directory entry is.
-            self.disk.sync_dir(self.path)
-            self._new_files = False
+        plan = CheckpointPlan(sorted(self._dirty), self._new_files, self._indexed_ms)
+        self._dirty.clear()
+        self._new_files = False
+        return plan
+
+    def finish_checkpoint(self, plan: CheckpointPlan) -> None:
+        """Sync ``plan``'s slot files, then write the checkpoint (under ``checkpoint_lock``).
+
+        On an error what was not synced is kept for the next checkpoint.
+        """
+        done = 0
+        try:
+            for slot in plan.slots:
+                # Pruned meanwhile: nothing of it to keep.
+                with contextlib.suppress(FileNotFoundError):
+                    self.disk.sync_file(self._file(slot))
+                done += 1
+            if plan.new_files:
+                # A new slot file is only durable once its directory entry is.
+                self.disk.sync_dir(self.path)
+        except BaseException:
+            self._dirty.update(plan.slots[done:])
+            self._new_files = self._new_files or plan.new_files
+            raise
         # Batch ids of one process never decrease, so every batch not yet
         # indexed has an id at or after the newest indexed batch's.
-        ms = self._indexed_ms
+        ms = plan.indexed_ms
         if ms <= self.checkpoint_ms:
             return
         tmp = self._checkpoint_path + ".tmp"

@@ -10,6 +10,7 @@ and nothing is checkpointed past the unindexed batches.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -18,7 +19,7 @@ from twisted.logger import Logger
 from dropr._ids import advance_to
 from dropr._message import Message
 from dropr.errors import InvalidMessage
-from dropr.storage.files._dedup import DedupIndex
+from dropr.storage.files._dedup import CheckpointPlan, DedupIndex
 from dropr.storage.files._disk import Disk, is_disk_full
 from dropr.storage.files._layout import Layout
 
@@ -44,7 +45,11 @@ class DedupKeeper:
         self._clock = clock
         self._disk = disk
         self._batches_since = batches_since
-        self.index = DedupIndex(path, window=window, clock=clock, disk=disk)
+        #: One checkpoint at a time, whichever index object is current.
+        self.checkpoint_lock = threading.RLock()
+        self.index = DedupIndex(
+            path, window=window, clock=clock, disk=disk, checkpoint_lock=self.checkpoint_lock
+        )
         # Batch ids must never fall below the checkpoint, whatever the clock
         # did while the store was closed (see ids.advance_to).
         advance_to(self.index.checkpoint_ms + 1)
@@ -108,24 +113,44 @@ class DedupKeeper:
         # What the old index wrote must be durable before a new checkpoint
         # can pass it.
         old.checkpoint()
-        self.index = DedupIndex(old.path, window=old.window, clock=self._clock, disk=self._disk)
+        self.index = DedupIndex(
+            old.path,
+            window=old.window,
+            clock=self._clock,
+            disk=self._disk,
+            checkpoint_lock=self.checkpoint_lock,
+        )
         self.index.recover(self._batches_since(self.index.checkpoint_ms))
         self.behind = False
         self.log.info("indexed the ids stored while the disk was full")
 
     def maintain(self) -> None:
         """Checkpoint (about once a second) and prune (hourly); catch up first if behind."""
+        plan = self.begin_maintain()
+        if plan is not None:
+            self.index.finish_checkpoint(plan)
+
+    def begin_maintain(self) -> CheckpointPlan | None:
+        """The part of ``maintain`` under the store's lock (and ``checkpoint_lock``).
+
+        Catches up or prunes when due; returns the checkpoint left to
+        finish (``index.finish_checkpoint``), which needs no store lock: its
+        syncs then never hold up an add.
+        """
         if self.behind:
             # (chaos) Never checkpoint an index that lacks ids.
             try:
                 self.catch_up()
             except OSError as e:
                 self.log.warn("still cannot index stored ids: {error}", error=e)
-            return
-        self.index.checkpoint()
+            return None
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self._pruned_at = time.monotonic()
+            # The checkpoint first: pruning goes by it.
+            self.index.finish_checkpoint(self.index.begin_checkpoint())
             self.index.prune()
+            return None
+        return self.index.begin_checkpoint()
 
     def close(self) -> None:
         # (chaos) A full disk must not keep the locks held: the ids not

@@ -63,6 +63,24 @@ class Disk:
         finally:
             os.close(fd)
 
+    def fill(self, path: str, data: bytes) -> None:
+        """Write ``data`` into ``path``, an empty file made earlier (a spare), and sync it.
+
+        Raises FileNotFoundError, having had no effect, if the file is gone.
+        Cheaper than ``create`` on the hot path: a new inode costs more than
+        the write and its sync together on ext4.
+        """
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_size:
+                os.ftruncate(fd, 0)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
     def sync_file(self, path: str) -> None:
         """Make the data of ``path`` durable (appended earlier without a sync)."""
         fd = os.open(path, os.O_RDONLY)

@@ -114,6 +114,10 @@ class FilesystemStorage:
     """
 
     log = Logger()
+    #: A store of a small request is local disk work of a millisecond or
+    #: two: dropr-server may run it in its reactor when idle (see
+    #: dropr.server._resource.StorePlacement).
+    quick_small_stores = True
 
     def __init__(
         self,
@@ -246,6 +250,7 @@ class FilesystemStorage:
             if self._closed:
                 return
             self._closed = True
+            self._writer.spares.clear()
             if self._dedup is not None:
                 self._dedup.close()
             self._views.close()
@@ -332,13 +337,27 @@ class FilesystemStorage:
             if limits:
                 self._check_limits(count, nbytes)
             written = self._writer.place(batches, records, batch_ids)
-            if self._dedup is not None:
-                self._dedup.record([m.id for m in stored], max(n.batch_id for n in written))
+            # Durable now: wake the consumers first, the bookkeeping can wait.
             for queue, _messages in batches:
                 with contextlib.suppress(OSError):
                     self._writer.touch_wake(queue)  # a hint; never fail a stored add
+            if self._dedup is not None:
+                self._dedup.record([m.id for m in stored], max(n.batch_id for n in written))
             self._usage.added(count, nbytes)
             return [m.id for m in stored]
+
+    def prepare(self) -> int:
+        """Get ready for the next stores, off their path: make spare files; how many.
+
+        A store that finds a spare fills it instead of making a file (a new
+        inode costs more than a small batch's write and sync; see
+        _spares).  dropr-server calls this after each answer and in its
+        upkeep; without it every store makes its own file, as before.
+        """
+        if self._closed:
+            return 0
+        with disk_errors(self.path):
+            return self._writer.prepare()
 
     def _check_limits(self, count: int, nbytes: int) -> None:
         self._usage.check_limits(count, nbytes, self.max_messages, self.max_bytes)
@@ -463,20 +482,32 @@ class FilesystemStorage:
         Call it every second or so; the checkpoint lets consumers delete
         consumed batches and bounds the work of recovery after a crash.
         """
-        with self._mutex, disk_errors(self.path):
-            if self._dedup is not None and not self._closed:
-                self._dedup.maintain()
+        dedup = self._dedup
+        if dedup is None:
+            return
+        with dedup.checkpoint_lock:
+            with self._mutex, disk_errors(self.path):
+                if self._closed:
+                    return
+                plan = dedup.begin_maintain()
+            if plan is not None:
+                # The syncs of the checkpoint, outside the store's lock: a
+                # store arriving meanwhile does not wait for them.
+                with disk_errors(self.path):
+                    dedup.index.finish_checkpoint(plan)
 
     def upkeep(self) -> None:
         """The serving daemon's periodic work (IReceivingStore); never raises for a full disk.
 
-        Checkpoints and prunes the dedup index and, about once a minute,
+        Checkpoints and prunes the dedup index, makes spare files for the
+        next stores (``prepare``) and, about once a minute,
         removes the directories of queues drained and idle for
         ``idle_queue_after`` seconds, so ``channel_count`` and the walks
         follow the live channels.
         """
         try:
             self.maintain()
+            self.prepare()
             if time.monotonic() - self._idle_swept_at > _IDLE_SWEEP_EVERY:
                 self._idle_swept_at = time.monotonic()
                 self.remove_idle_queues()

@@ -13,6 +13,7 @@ from dropr.storage._batchfile import BatchName
 from dropr.storage.files._disk import Disk
 from dropr.storage.files._durable import ensure_dir, rename_into, unlink_quietly, write_new_file
 from dropr.storage.files._layout import WAKE_NAME, Layout
+from dropr.storage.files._spares import Spares
 
 #: Buckets whose directory chain is remembered as durable, at most.
 _SETTLED_KEPT = 10_000
@@ -28,6 +29,8 @@ class BatchWriter:
         self.ids = ids
         #: Buckets whose directory chain this process knows to be durable.
         self._settled: set[str] = set()
+        #: Empty files made ahead (by ``prepare``), filled instead of made.
+        self.spares = Spares(layout.tmp_dir, disk)
 
     def place(
         self,
@@ -66,7 +69,7 @@ class BatchWriter:
                         chunks = [batchfile.MAGIC, *(records[m.id] for m in group)]
                     else:
                         chunks = batchfile.encode(group)
-                    tmp = write_new_file(self.layout.tmp_dir, name.batch_id, chunks, disk)
+                    tmp = self._write_tmp(name.batch_id, chunks)
                     bucket = self.layout.bucket_dir(qpath, priority, name.batch_id)
                     written.append((tmp, bucket, name))
             for tmp, bucket, name in written:
@@ -89,6 +92,26 @@ class BatchWriter:
                     disk.sync_dir(bucket)
             raise
         return [name for _tmp, _bucket, name in written]
+
+    def _write_tmp(self, prefix: str, chunks: list[bytes]) -> str:
+        """A synced temporary file holding ``chunks``: a spare filled, or a new file."""
+        spare = self.spares.take()
+        if spare is not None:
+            try:
+                self.disk.fill(spare, b"".join(chunks))
+                return spare
+            except FileNotFoundError:
+                pass  # another process's recovery removed an old spare
+            except BaseException:
+                # Half filled: never handed out again.
+                with contextlib.suppress(OSError):
+                    unlink_quietly(spare, self.disk)
+                raise
+        return write_new_file(self.layout.tmp_dir, prefix, chunks, self.disk)
+
+    def prepare(self) -> int:
+        """Make spare files for the next stores (off the answer's path); how many."""
+        return self.spares.refill()
 
     def _settle_dir(self, bucket: str) -> None:
         """Sync the chain of directories above ``bucket`` up to the root.
