@@ -56,7 +56,9 @@ def _fresh_id_state() -> Iterator[None]:
 
 
 # Seconds since the epoch that fit the id's 48-bit millisecond field.
-_times = st.floats(min_value=0.0, max_value=(2**48 - 1) / 1000.0, allow_nan=False)
+# Up to a second short of the 48-bit millisecond field's end: a batch of
+# ids may run the time on by a few milliseconds (65,536 ids a millisecond).
+_times = st.floats(min_value=0.0, max_value=(2**48 - 1001) / 1000.0, allow_nan=False)
 
 # -- ids -------------------------------------------------------------------------
 
