@@ -28,8 +28,9 @@ from dropr.client._puthttp import (
     RequestParser,
     message_from_request,
 )
-from dropr.client._putsocket import GroupCommit, PutFactory, check_room, socket_path
+from dropr.client._putsocket import GroupCommit, PutFactory, socket_path
 from dropr.errors import InvalidMessage, StorageFull
+from dropr.storage._limits import check_room
 
 DEST = "http://central:8080/"
 QDEST = "http%3A%2F%2Fcentral%3A8080%2F"
@@ -249,13 +250,13 @@ def test_a_put_past_the_spools_limits_is_refused_at_once() -> None:
     clock, disk = Clock(), FakeDisk()
 
     def room(count: int, nbytes: int) -> None:
-        check_room(count + 9, nbytes, 10, None, "/spool")
+        check_room("/spool", 9, 0, count, nbytes, 10, None)
 
     commit = GroupCommit(disk.write, disk.run, clock, room=room)
     assert fired(commit.put(message())) == []
     refused = fired(commit.put(message()))
     assert isinstance(refused[0], Failure) and refused[0].check(StorageFull)
-    assert "/spool is full (10 messages waiting)" in str(refused[0].value)
+    assert "/spool is full: 9 messages wait and the limit is 10" in str(refused[0].value)
     clock.advance(0)
     disk.finish_one()
     assert disk.writes and len(disk.writes[0]) == 1

@@ -51,6 +51,7 @@ from dropr.client._puthttp import (
 )
 from dropr.client._putlog import PutLog, Segment
 from dropr.errors import InvalidMessage, StorageFull
+from dropr.storage._limits import check_room
 
 SOCKET_NAME = "put.sock"
 #: Messages' payload bytes waiting for their batch before new ones are refused (503).
@@ -458,7 +459,7 @@ def put_socket_for(
         # The spool's limits count what memory holds too: it is the spool's.
         held, held_bytes = front.known_usage()
         check_room(
-            held + count, held_bytes + nbytes, storage.max_messages, storage.max_bytes, spool.path
+            spool.path, held, held_bytes, count, nbytes, storage.max_messages, storage.max_bytes
         )
 
     def written(messages: list[Message], segment: object) -> None:
@@ -470,19 +471,3 @@ def put_socket_for(
     service.on_start = pool.start
     service.on_stopped = pool.stop
     return service
-
-
-def check_room(
-    count: int, nbytes: int, max_messages: int | None, max_bytes: int | None, path: str
-) -> None:
-    """Raise :class:`StorageFull` when ``count`` messages of ``nbytes`` exceed the limits."""
-    if max_messages is not None and count > max_messages:
-        raise StorageFull(
-            f"spool {path} is full ({max_messages} messages waiting); retry once "
-            "dropr-client has delivered some, or raise its limit"
-        )
-    if max_bytes is not None and nbytes > max_bytes:
-        raise StorageFull(
-            f"spool {path} is full ({max_bytes} payload bytes waiting); retry once "
-            "dropr-client has delivered some, or raise its limit"
-        )

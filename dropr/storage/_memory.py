@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from dropr._ids import id_millis, id_time
 from dropr._message import DEFAULT_MAX_PAYLOAD, MAX_PRIORITY, MIN_PRIORITY, Message
-from dropr.errors import InvalidMessage, StorageClosed, StorageFull
+from dropr.errors import InvalidMessage, StorageClosed
 from dropr.interfaces import (
     FailedMessage,
     IMessageAdmin,
@@ -35,6 +35,7 @@ from dropr.interfaces import (
     QueueStats,
 )
 from dropr.storage._adapt import NothingLeftBehind
+from dropr.storage._limits import check_room
 from dropr.storage._receipts import own_receipts
 from dropr.storage.files._storage import validate_queue
 
@@ -188,17 +189,15 @@ class MemoryStorage(NothingLeftBehind):
             )
 
     def _check_limits(self, count: int, nbytes: int) -> None:
-        if self.max_messages is not None and self._count + count > self.max_messages:
-            raise StorageFull(
-                f"memory storage is full: {self._count} messages wait and the "
-                f"limit is {self.max_messages}; nothing was stored"
-            )
-        if self.max_bytes is not None and self._bytes + nbytes > self.max_bytes:
-            raise StorageFull(
-                f"memory storage is full: {self._bytes} payload bytes wait, "
-                f"{nbytes} more would pass the limit of {self.max_bytes}; "
-                "nothing was stored"
-            )
+        check_room(
+            "memory storage",
+            self._count,
+            self._bytes,
+            count,
+            nbytes,
+            self.max_messages,
+            self.max_bytes,
+        )
 
     def oldest_accepted_id(self) -> str:
         """Ids sorting below this are older than the dedup window; see IReceivingStore."""

@@ -36,7 +36,6 @@ from dropr._ids import id_millis, id_time
 from dropr._message import DEFAULT_MAX_PAYLOAD, Message, validate_messages
 from dropr.errors import (
     InvalidMessage,
-    StorageFull,
     StorageUnavailable,
 )
 from dropr.interfaces import (
@@ -48,6 +47,7 @@ from dropr.interfaces import (
     QueueStats,
 )
 from dropr.storage import _pgschema as schema_
+from dropr.storage._limits import check_room
 from dropr.storage._pgadmin import CLAIM_BITS, PostgresAdmin
 from dropr.storage._pgconn import Conn, PgConnections
 from dropr.storage._pgschema import DedupDays
@@ -289,18 +289,9 @@ class PostgresStorage(PgConnections, PostgresAdmin):
             "SELECT coalesce(sum(count), 0), coalesce(sum(bytes), 0) FROM usage"
         ).fetchone()
         waiting, waiting_bytes = (int(row[0]) - count, int(row[1]) - nbytes) if row else (0, 0)
-        if self.max_messages is not None and waiting + count > self.max_messages:
-            raise StorageFull(
-                f"{self.where} is full: {waiting} messages wait and the limit is "
-                f"{self.max_messages}; nothing was stored. Retry once messages "
-                "are delivered, or raise max_messages"
-            )
-        if self.max_bytes is not None and waiting_bytes + nbytes > self.max_bytes:
-            raise StorageFull(
-                f"{self.where} is full: {waiting_bytes} payload bytes wait, "
-                f"{nbytes} more would pass the limit of {self.max_bytes}; nothing "
-                "was stored. Retry once messages are delivered, or raise max_bytes"
-            )
+        check_room(
+            self.where, waiting, waiting_bytes, count, nbytes, self.max_messages, self.max_bytes
+        )
 
     def _notify_added(self, queues: Sequence[str]) -> None:
         # After the commit, in a transaction of its own that does not wait for

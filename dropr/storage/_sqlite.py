@@ -60,6 +60,7 @@ from dropr.interfaces import (
     QueueStats,
 )
 from dropr.storage._adapt import NothingLeftBehind
+from dropr.storage._limits import check_room
 from dropr.storage._receipts import own_receipts
 from dropr.storage.files._durable import fsync_dir
 from dropr.storage.files._storage import validate_queue
@@ -472,18 +473,9 @@ class SQLiteStorage(NothingLeftBehind):
         waiting, waiting_bytes = db.execute(
             "SELECT count, bytes FROM totals WHERE k = 0"
         ).fetchone()
-        if self.max_messages is not None and waiting + count > self.max_messages:
-            raise StorageFull(
-                f"{self.path} is full: {waiting} messages wait and the limit is "
-                f"{self.max_messages}; nothing was stored. Retry once messages "
-                "are delivered, or raise max_messages"
-            )
-        if self.max_bytes is not None and waiting_bytes + nbytes > self.max_bytes:
-            raise StorageFull(
-                f"{self.path} is full: {waiting_bytes} payload bytes wait, "
-                f"{nbytes} more would pass the limit of {self.max_bytes}; nothing "
-                "was stored. Retry once messages are delivered, or raise max_bytes"
-            )
+        check_room(
+            self.path, waiting, waiting_bytes, count, nbytes, self.max_messages, self.max_bytes
+        )
 
     # -- taking and settling ------------------------------------------------------------
 

@@ -23,8 +23,8 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
-from dropr.errors import StorageFull
 from dropr.storage._batchfile import BatchName
+from dropr.storage._limits import check_room
 from dropr.storage.files._disk import Disk
 from dropr.storage.files._layout import STATE_NAME, Layout
 from dropr.storage.files._statelog import StateLog
@@ -72,19 +72,7 @@ class UsageCounter:
         if max_bytes is None and max_messages is None:
             return
         waiting, waiting_bytes = self.usage()
-        root = self.layout.root
-        if max_messages is not None and waiting + count > max_messages:
-            raise StorageFull(
-                f"{root} is full: {waiting} messages wait and the limit is "
-                f"{max_messages}; nothing was stored. Retry once messages "
-                "are delivered, or raise max_messages"
-            )
-        if max_bytes is not None and waiting_bytes + nbytes > max_bytes:
-            raise StorageFull(
-                f"{root} is full: {waiting_bytes} payload bytes wait, "
-                f"{nbytes} more would pass the limit of {max_bytes}; nothing "
-                "was stored. Retry once messages are delivered, or raise max_bytes"
-            )
+        check_room(self.layout.root, waiting, waiting_bytes, count, nbytes, max_messages, max_bytes)
 
     def added(self, count: int, nbytes: int) -> None:
         """This process stored ``count`` messages of ``nbytes``: add them at once."""
