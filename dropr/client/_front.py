@@ -67,9 +67,6 @@ class FrontedSpool:
         #: The spool's own figures as last counted on the disk thread (the
         #: reactor must not wait for the spool's lock to read them).
         self._spool_usage = (0, 0)
-        #: Messages handed to a sender from memory, and moved into the spool.
-        self.sent_from_memory = 0
-        self.spilled = 0
 
     # -- from the put socket -------------------------------------------------------------
 
@@ -131,7 +128,9 @@ class FrontedSpool:
         found = from_spool()
         if not found:
             return self._take_held(queue, limit, horizon)
-        if not self._waiting.get(queue):
+        with self._lock:
+            also_in_memory = bool(self._waiting.get(queue))
+        if not also_in_memory:
             return found
         self.inner.release(found)
         self.spill(queue)
@@ -150,7 +149,6 @@ class FrontedSpool:
                 del self._waiting[queue]
             for entry in taken:
                 self._taken[id(entry[1])] = entry
-            self.sent_from_memory += len(taken)
         return [m for _n, m, _s in taken]
 
     def _split(self, messages: Iterable[Message]) -> tuple[list[Entry], list[Message]]:
@@ -261,7 +259,6 @@ class FrontedSpool:
                 self._spool_usage[0] + moved[0],
                 self._spool_usage[1] + moved[1],
             )
-        self.spilled += len(entries)
         self._forget(entries)
 
     def file_in_order(self, destination: str, messages: list[Message]) -> None:

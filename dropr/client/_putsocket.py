@@ -50,7 +50,7 @@ from dropr.client._puthttp import (
     response,
 )
 from dropr.client._putlog import PutLog, Segment
-from dropr.errors import InvalidMessage, StorageFull
+from dropr.errors import StorageFull
 from dropr.storage._limits import check_room
 
 SOCKET_NAME = "put.sock"
@@ -206,8 +206,6 @@ def answer_for(message: Message, failure: Failure | None) -> tuple[int, dict[str
         return 507, {"error": str(error)}
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return 507, {"error": f"the spool's disk is full ({error.strerror}); retry later"}
-    if isinstance(error, InvalidMessage):
-        return 400, {"error": str(error)}
     return 500, {"error": "internal error while writing; the message was not stored"}
 
 
