@@ -207,20 +207,42 @@ def test_given_back_to_a_full_spool_they_wait_in_memory_in_order(spool: Spool) -
     assert [m.id for m in front.take(DEST, 10)] == [m.id for m in batch]
 
 
-def test_a_refused_message_moves_into_the_spool_to_fail_there(spool: Spool) -> None:
+def test_a_refused_message_goes_straight_to_the_spools_failed_area(spool: Spool) -> None:
     front, log = fronted(spool)
     batch = messages(2)
     offer(front, log, batch)
     taken = front.take(DEST, 10)
     front.fail(taken[:1], "refused: too large")
     front.ack(taken[1:])
-    assert log.needed == 0  # the spool holds it now
-    again = front.take(DEST, 10)
-    assert [m.id for m in again] == [batch[0].id]
-    front.fail(again, "refused: too large")
+    assert log.needed == 0 and front.held() == (0, 0)  # the spool holds it now
+    assert front.take(DEST, 10) == []  # not sent again
     assert [(m.id, why) for m, why in spool.storage.failed(DEST)] == [
         (batch[0].id, "refused: too large")
     ]
+
+
+def test_a_refusal_the_failed_area_cannot_take_waits_in_memory(spool: Spool) -> None:
+    front, log = fronted(spool)
+    batch = messages(1)
+    offer(front, log, batch)
+    taken = front.take(DEST, 10)
+
+    class Full:
+        def add_failed(self, *args: Any) -> None:
+            raise StorageFull("the spool's disk is full")
+
+        def add_filed(self, *args: Any) -> list[str]:
+            raise StorageFull("the spool's disk is full")
+
+    front.inner = Full()
+    front.fail(taken, "refused: too large")
+    assert front.held() == (1, 2) and log.needed == 1  # kept, not lost
+    front.inner = spool.storage
+    again = front.take(DEST, 10)
+    assert [m.id for m in again] == [batch[0].id]
+    front.fail(again, "refused: too large")
+    assert [m.id for m, _why in spool.storage.failed(DEST)] == [batch[0].id]
+    assert log.needed == 0
 
 
 def test_spilled_messages_go_before_what_producers_wrote_meanwhile(spool: Spool) -> None:
@@ -348,3 +370,17 @@ def test_a_cut_at_any_byte_keeps_every_record_synced_before_it(tmp_path: Path) -
         assert got == [m.id for g in groups for m in g][: len(got)], f"junk at cut {cut}"
         with open(segment, "wb") as f:  # recover removed it: put it back whole
             f.write(data)
+
+
+def test_straight_into_the_failed_area_needs_a_reason(spool: Spool) -> None:
+    from dropr.errors import InvalidMessage
+
+    with pytest.raises(InvalidMessage, match="needs a reason"):
+        spool.storage.add_failed(DEST, messages(1), "")
+    assert spool.storage.failed(DEST) == []
+    refused = messages(2)
+    spool.storage.add_failed(DEST, refused, "refused: no such channel")
+    assert [(m.id, why) for m, why in spool.storage.failed(DEST)] == [
+        (m.id, "refused: no such channel") for m in refused
+    ]
+    assert spool.storage.usage() == (0, 0)  # never waiting

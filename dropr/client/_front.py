@@ -220,11 +220,20 @@ class FrontedSpool:
 
     def fail(self, messages: Iterable[Message], reason: str) -> None:
         mine = self._mine(messages, lambda spools: self.inner.fail(spools, reason))
-        if mine:
-            # A failure belongs in the spool's failed area, with its reason;
-            # only a message the spool holds can get there.  Moved into the
-            # spool, it is sent once more and, refused again, failed there.
+        if not mine:
+            return
+        by_destination: dict[str, list[Message]] = {}
+        for entry in mine:
+            by_destination.setdefault(_destination(entry), []).append(entry[1])
+        try:
+            for destination, refused in by_destination.items():
+                self.inner.add_failed(destination, refused, reason)
+        except Exception:
+            # The failed area could not take them (a full disk): they wait
+            # in memory and in the log, are sent again and failed then.
             self._give_back(mine)
+            return
+        self._forget(mine)
 
     def spill(self, destination: str) -> int:
         """Move what waits in memory for ``destination`` into the spool; how many."""

@@ -444,6 +444,20 @@ class FilesystemStorage:
             self._taker.settle(messages, "F", True)
             self._usage.settled(len(messages), payload_bytes(messages))
 
+    def add_failed(self, queue: str, messages: Sequence[Message], reason: str) -> None:
+        """Put ``messages``, never taken from ``queue``, straight into its failed area.
+
+        For messages refused while they waited elsewhere (the client
+        daemon's memory): they go where a failed take's would, with their
+        reason, durably, without a round through the queue.
+        """
+        if not isinstance(reason, str) or not reason:
+            raise InvalidMessage("add_failed() needs a reason: a short text saying what went wrong")
+        validate_queue(queue)
+        with self._mutex, disk_errors(self.path):
+            self._check_open()
+            self._failed.write(queue, messages, reason)
+
     def _settle(self, messages: Iterable[Message], op: str, sync: bool) -> None:
         messages = list(messages)
         with self._mutex, disk_errors(self.path):
