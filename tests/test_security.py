@@ -72,9 +72,15 @@ def msgs(n: int, channel: str = "orders", size: int = 10, priority: int = 5) -> 
 
 
 def snapshot(root: str) -> dict[str, tuple[int, str]]:
-    """Every file and directory under ``root``: its mode and a hash of its content."""
+    """Every file and directory under ``root``: its mode and a hash of its content.
+
+    Leaves out the empty spare files a server makes in ``tmp/`` after each
+    answer, when it gets round to it (they hold nothing of anyone's).
+    """
     out: dict[str, tuple[int, str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
+        if os.path.relpath(dirpath, root) == "tmp":
+            filenames = [n for n in filenames if not n.startswith("spare.")]
         for name in dirnames:
             path = os.path.join(dirpath, name)
             out[os.path.relpath(path, root)] = (os.lstat(path).st_mode, "dir")
