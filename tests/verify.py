@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -106,6 +107,9 @@ class ProducerLog:
         return self.calls - self.returned - self.full
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+
+
 def read_producer_logs(paths: Iterable[str]) -> ProducerLog:
     """Read producer logs (see the module docstring)."""
     out = ProducerLog()
@@ -117,7 +121,15 @@ def read_producer_logs(paths: Iterable[str]) -> ProducerLog:
                 out.returned += 1
             elif parts[0] == "F":
                 out.full += 1
-            elif parts[0] == "P" and len(parts) == 4 and len(parts[1]) == 32:
+            elif (
+                # A producer killed inside its own log write leaves a torn
+                # line that the next run's first line completes ("<sha
+                # cut>I 400"): only a whole digest makes a logged put.
+                parts[0] == "P"
+                and len(parts) == 4
+                and len(parts[1]) == 32
+                and _SHA256.match(parts[2])
+            ):
                 out.put[parts[1]] = (parts[2], parts[3])
     return out
 
